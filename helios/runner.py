@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from helios.block_manager import BlockManager
 from helios.exits import ExitHead, probability_confidence, saturation
-from helios.model import DecoderModel
+from helios.model import DecoderModel, rms_norm
 from helios.scheduler import Chunk
 
 
@@ -144,6 +144,10 @@ class ModelRunner:
         alive = torch.ones(num_rows, dtype=torch.bool, device=self.device)
         all_alive = True
         logits = torch.empty(num_sample, model.arch.vocab_size, device=self.device)
+        # exited rows' LM-head inputs: one LM-head pass at the end serves them all, since on
+        # weight-bound hardware each extra pass costs its full weight read
+        features = torch.empty(num_sample, model.arch.hidden_size, dtype=hidden.dtype, device=self.device)
+        has_logits = torch.zeros(num_sample, dtype=torch.bool, device=self.device)
         exit_layers = [model.num_loaded_layers] * num_sample
         sample_alive = torch.ones(num_sample, dtype=torch.bool, device=self.device)
         previous = hidden[inp.sample_rows] if self.confidence == "saturation" else None
@@ -165,13 +169,20 @@ class ModelRunner:
                 all_alive = bool(alive.all())
             head = self.heads.get(ran)
             if head is not None and sample_alive.any():
-                previous = self._exit_check(head, hidden, inp, alive, sample_alive, logits, exit_layers, previous, targets)
+                previous = self._exit_check(head, hidden, inp, alive, sample_alive, logits, has_logits, features,
+                                            exit_layers, previous, targets)
                 all_alive = bool(alive.all())
 
         remaining = sample_alive.nonzero().squeeze(1)
         if len(remaining):
             final = hidden[inp.sample_rows[remaining]]
-            logits[remaining] = (self.last_head.logits(model, final) if self.last_head else model.final_logits(final))
+            features[remaining] = (self.last_head.features(model, final) if self.last_head
+                                   else rms_norm(final, model.norm, model.arch.rms_norm_eps))
+        need = (~has_logits).nonzero().squeeze(1)
+        if len(need) == num_sample:
+            logits = model.lm_head(features).float()
+        elif len(need):
+            logits[need] = model.lm_head(features[need]).float()
         breaches = len(remaining) if self.prefix_mode else 0
         return StepResult(logits, exit_layers, breaches)
 
@@ -183,8 +194,8 @@ class ModelRunner:
         weights = torch.tensor(list(self.exit_profile.values()), dtype=torch.float)
         return layers[torch.multinomial(weights, num_sample, replacement=True, generator=self.generator).to(self.device)]
 
-    def _exit_check(self, head: ExitHead, hidden, inp: StepInputs, alive, sample_alive, logits, exit_layers,
-                    previous, targets):
+    def _exit_check(self, head: ExitHead, hidden, inp: StepInputs, alive, sample_alive, logits, has_logits,
+                    features, exit_layers, previous, targets):
         """Score the running sampled rows at `head`; let the confident ones exit."""
         candidates = sample_alive.nonzero().squeeze(1)
         cand_hidden = hidden[inp.sample_rows[candidates]]
@@ -204,8 +215,10 @@ class ModelRunner:
         if not bool(confident.any()):
             return previous
         leaving = candidates[confident]
-        logits[leaving] = head_logits[confident] if head_logits is not None else head.logits(
-            self.model, cand_hidden[confident])
+        if head_logits is not None:  # the check already paid for them
+            logits[leaving], has_logits[leaving] = head_logits[confident], True
+        else:
+            features[leaving] = head.features(self.model, cand_hidden[confident])
         for row in leaving.tolist():
             exit_layers[row] = head.layer
         sample_alive[leaving] = False
