@@ -15,7 +15,7 @@ CHILD = """
 import resource, sys, json
 from helios.loader import load_model
 loaded = load_model(sys.argv[1], None if sys.argv[2] == "all" else int(sys.argv[2]), load_tokenizer=False)
-params = sum(p.numel() for p in loaded.model.parameters())
+params = sum({p.data_ptr(): p.numel() for p in loaded.model.parameters()}.values())  # tied weights once
 print(json.dumps({"layers": loaded.model.num_loaded_layers, "of": loaded.arch.num_layers, "parameters": params,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
