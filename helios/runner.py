@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from helios.block_manager import BlockManager
 from helios.exits import ExitHead, probability_confidence, saturation
-from helios.model import DecoderModel, rms_norm
+from helios.model import DecoderModel
 from helios.scheduler import Chunk
 
 
@@ -56,7 +56,9 @@ class ModelRunner:
         self.policy, self.confidence = policy, confidence
         # exits strictly inside the loaded prefix; the last loaded layer always exits
         self.heads = {h.layer: h for h in exit_heads if h.layer < model.num_loaded_layers} if policy != "none" else {}
-        self.last_head = next((h for h in exit_heads if h.layer == model.num_loaded_layers), None)
+        # the last loaded layer's head: a tuned one if given, else the final norm + LM head
+        self.last_head = next((h for h in exit_heads if h.layer == model.num_loaded_layers),
+                              ExitHead(model.num_loaded_layers, threshold=0.0))
         self.prefix_mode = model.num_loaded_layers < arch.num_layers
         self.exit_profile = exit_profile
         self.generator = torch.Generator().manual_seed(seed)
@@ -176,8 +178,7 @@ class ModelRunner:
         remaining = sample_alive.nonzero().squeeze(1)
         if len(remaining):
             final = hidden[inp.sample_rows[remaining]]
-            features[remaining] = (self.last_head.features(model, final) if self.last_head
-                                   else rms_norm(final, model.norm, model.arch.rms_norm_eps))
+            features[remaining] = self.last_head.features(model, final)
         need = (~has_logits).nonzero().squeeze(1)
         if len(need) == num_sample:
             logits = model.lm_head(features).float()
