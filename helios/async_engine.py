@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from helios.config import EngineConfig
 from helios.engine import LLMEngine, Prompt, RequestOutput
@@ -17,8 +17,9 @@ from helios.sampling_params import SamplingParams
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine], None] | None = None):
         self.engine = engine
+        self.on_step = on_step  # called after every step and abort (metrics read the engine here)
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_adds: list = []
         self._pending_aborts: set[str] = set()
@@ -41,6 +42,7 @@ class AsyncLLMEngine:
         while True:
             self._apply_pending()
             if not self.engine.has_unfinished() and not self._pending_adds:
+                self._notify()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -55,7 +57,12 @@ class AsyncLLMEngine:
                     queue.put_nowait(out)
                 if out.finished:
                     self._queues.pop(out.request_id, None)
+            self._notify()
             await asyncio.sleep(0)  # let handlers run between steps
+
+    def _notify(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.engine)
 
     def _apply_pending(self) -> None:
         for seq in self._pending_adds:
@@ -105,6 +112,11 @@ class AsyncLLMEngine:
         self._pending_aborts.add(request_id)
         if self._wakeup is not None:
             self._wakeup.set()
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The exception that stopped the engine loop, if one did."""
+        return self._error
 
     @property
     def stats(self):

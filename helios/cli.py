@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from helios.loader import DEFAULT_MODEL
@@ -48,6 +49,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    # Ray lives outside the engine: import the serving side only for this command
+    from deployments.config import load_config, parse_config
+    from deployments.run import serve_forever
+
+    # no config: the default model, with every local CPU (a laptop serving one model)
+    config = load_config(args.config) if args.config else parse_config({"models": [{"num_cpus": os.cpu_count()}]})
+    if args.host or args.port:
+        http = config.http.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+        config = config.model_copy(update={"http": http})
+    serve_forever(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios", description="Serve and run early-exit LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -62,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text, without the chat template")
     gen.add_argument("--show-exits", action="store_true", help="print each token's exit layer to stderr")
     gen.set_defaults(func=_generate)
+    srv = commands.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
+    srv.add_argument("config", nargs="?", help="YAML serving config (default: the default model on 127.0.0.1:8000)")
+    srv.add_argument("--host", default=None, help="override http.host")
+    srv.add_argument("--port", type=int, default=None, help="override http.port")
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -36,3 +36,60 @@ def default_llm():
     from helios import LLM
 
     return LLM(kv_cache_memory=256 << 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory):
+    """(folder per architecture) of tiny models with a tokenizer and chat template, built once."""
+    from tiny_models import build_tiny_chat_model
+
+    cache = {}
+
+    def get(arch: str = "llama"):
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-chat-{arch}")
+            build_tiny_chat_model(folder, arch)
+            cache[arch] = folder
+        return cache[arch]
+
+    return get
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(tiny_chat_model_dir):
+    """One real Ray Serve instance on 127.0.0.1 for every serving test (start-up costs seconds).
+
+    Models: `tiny` (llama) and `tiny-qwen` (qwen2), `tiny-busy` (one request at a time, one
+    queued: for the queue-full test), and the default model as `smollm2` when installed.
+    """
+    import ray
+
+    from deployments import run
+    from deployments.config import parse_config
+
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 500})
+    tiny = {"num_cpus": 0, "engine": {"kv_cache_memory": "16MiB"}}
+    models = [{"id": "tiny", "source": str(tiny_chat_model_dir("llama")), **tiny},
+              {"id": "tiny-qwen", "source": str(tiny_chat_model_dir("qwen2")), **tiny},
+              {"id": "tiny-busy", "source": str(tiny_chat_model_dir("llama")), "max_ongoing_requests": 1,
+               "max_queued_requests": 1, **tiny}]
+    if default_model_available():
+        models.append({"id": "smollm2", "num_cpus": 0, "engine": {"kv_cache_memory": "128MiB"}})
+    config = parse_config({"http": {"host": "127.0.0.1", "port": free_port()}, "models": models,
+                           "metrics_export_port": metrics_port})
+    base_url = run.start(config)
+    try:
+        yield {"base_url": base_url, "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "config": config,
+               "folders": {"tiny": tiny_chat_model_dir("llama"), "tiny-qwen": tiny_chat_model_dir("qwen2")}}
+    finally:
+        run.stop()

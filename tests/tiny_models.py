@@ -40,3 +40,45 @@ def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **overrid
                 p.normal_(0, 0.08)
     model.save_pretrained(folder, safe_serialization=True)
     return model.eval()
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_TEXT = (
+    "The capital of France is Paris. Helios serves early-exit language models on Ray Serve. "
+    "Once upon a time, a tiny model answered questions about the weather, numbers 0123456789, "
+    "and the quick brown fox that jumps over the lazy dog."
+)
+
+
+def build_tiny_tokenizer(folder: Path, vocab_size: int = 300):
+    """A byte-level BPE tokenizer with a ChatML template, built offline; returns it.
+
+    Its ids stay below `vocab_size`, so a tiny model of that vocabulary can serve text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([TOKENIZER_TEXT] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_chat_model(folder: Path, arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny model plus tokenizer and chat template: enough to serve text end to end."""
+    tokenizer = build_tiny_tokenizer(folder)
+    settings = dict(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    settings.update(overrides)
+    return build_tiny_model(folder, arch, seed, **settings)

@@ -1,0 +1,46 @@
+"""Config -> Serve application.
+
+    serve run deployments.app:build_app config=serve.yaml      # a YAML file
+    serve run deployments.app:build_app                        # the default model
+
+In a RayService, `serveConfigV2` names `import_path: deployments.app:build_app` and puts the
+config itself under `args` (http, models, ...); `helios serve` calls `build_app` the same way.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.config import ServeConfig, load_config, parse_config
+from deployments.ingress import OpenAIIngress
+from deployments.llm_server import LLMServer
+
+
+def server_name(model_id: str) -> str:
+    """The Serve deployment name of a model's LLMServer."""
+    return f"LLMServer:{model_id.replace('/', '--')}"
+
+
+def build_app_from_config(config: ServeConfig) -> Application:
+    servers = {}
+    for model in config.models:
+        actor_options = {"num_cpus": model.num_cpus}
+        if model.num_gpus:
+            actor_options["num_gpus"] = model.num_gpus
+        servers[model.id] = LLMServer.options(
+            name=server_name(model.id), num_replicas=model.replicas, ray_actor_options=actor_options,
+            max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
+        ).bind(model)
+    ingress = config.ingress
+    return OpenAIIngress.options(
+        num_replicas=ingress.replicas, ray_actor_options={"num_cpus": ingress.num_cpus},
+        max_ongoing_requests=10_000,  # the ingress only forwards; the models' queues do the bounding
+    ).bind(servers, ingress.retry_after_s)
+
+
+def build_app(args: dict | None = None) -> Application:
+    """`args` is either {"config": PATH} or the config itself (as in a RayService)."""
+    args = dict(args or {})
+    if set(args) == {"config"} and isinstance(args["config"], str):
+        return build_app_from_config(load_config(args["config"]))
+    return build_app_from_config(parse_config(args))

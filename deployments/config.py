@@ -1,0 +1,135 @@
+"""The serving config: one YAML file, validated here, used by `helios serve`, `serve run` and RayService.
+
+    http: {host: 127.0.0.1, port: 8000}
+    models:
+      - id: smollm2              # what clients send as "model"
+        source: smollm2-135m     # alias, Hugging Face folder or GGUF file
+        engine: {max_layers: 30, kv_cache_memory: 512MiB, exit_policy: none}
+        replicas: 1
+        num_cpus: 1
+
+Engine options are `helios.config.EngineConfig`'s fields (one definition, also used by the
+CLI). Unknown keys and bad values fail with the key path and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from helios.config import EngineConfig
+from helios.loader import DEFAULT_MODEL
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> Any:
+    """'512MiB' or '1GB' -> bytes; numbers pass through; anything else is left for pydantic to reject."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a size: write bytes or e.g. 512MiB, 1GiB")
+        return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HTTPConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class ModelConfig(_Strict):
+    id: str = Field(DEFAULT_MODEL, min_length=1, pattern=r"^[A-Za-z0-9._\-/:]+$")
+    source: str = DEFAULT_MODEL  # alias, Hugging Face folder or GGUF file
+    engine: EngineConfig = Field(default_factory=EngineConfig)  # every option but `model` (that is `source`)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)  # CPUs reserved per replica; torch uses this many threads
+    num_gpus: float = Field(0.0, ge=0)
+    # per replica: requests in flight (running + waiting in the engine); beyond that they queue in
+    # Serve's router, and beyond max_queued_requests the ingress answers 503 with Retry-After
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(64, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_model_is_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("engine"), dict):
+            engine = dict(data["engine"])
+            if "model" in engine:
+                raise ValueError("set the model with `source`, not `engine.model`")
+            if "kv_cache_memory" in engine:
+                engine["kv_cache_memory"] = parse_size(engine["kv_cache_memory"])
+            data = {**data, "engine": engine}
+        return data
+
+    def engine_config(self) -> EngineConfig:
+        options = {k: v for k, v in vars(self.engine).items() if k != "model"}
+        return EngineConfig(model=self.source, **options)
+
+
+class IngressConfig(_Strict):
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After a client gets when a model's queue is full
+
+
+class ServeConfig(_Strict):
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    metrics_export_port: int = Field(8080, ge=1, le=65535)  # Ray's Prometheus endpoint (`helios serve` only)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        ids = [m.id for m in models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"model ids must be unique; repeated: {duplicates}")
+        return models
+
+    def model(self, model_id: str) -> ModelConfig:
+        return next(m for m in self.models if m.id == model_id)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists each bad key path and why."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict | None) -> ServeConfig:
+    """Validate a config mapping (None or {} = the default model with defaults)."""
+    try:
+        return ServeConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError("invalid serving config:\n" + _describe(exc)) from None
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (http, models, ...)")
+    return parse_config(data)

@@ -1,0 +1,180 @@
+"""The OpenAI-compatible HTTP ingress: FastAPI on Serve, one `LLMServer` deployment per model."""
+
+import asyncio
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from deployments.responses import ChoiceState, ResponseBuilder, sse_event
+
+app = FastAPI(title="Helios", description="OpenAI-compatible serving of early-exit LLMs")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.kind, exc.code), exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for item in exc.errors():
+        if item["type"] == "json_invalid":
+            return JSONResponse(error_body(f"the request body is not valid JSON: {item['ctx']['error']}"), 400)
+        where = ".".join(str(part) for part in item["loc"] if part != "body")
+        problems.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return JSONResponse(error_body("; ".join(problems)), 400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
+
+
+async def _first(stream: DeploymentResponseGenerator) -> dict:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return {"error": "the model returned nothing"}
+
+
+def _cancel(stream: DeploymentResponseGenerator) -> None:
+    """Cancel an engine request; cancelling one that already failed re-raises its error: ignore that."""
+    try:
+        stream.cancel()
+    except Exception:
+        pass
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, models: dict[str, DeploymentHandle], retry_after_s: int = 1):
+        self.models = models
+        self.retry_after_s = retry_after_s
+        self._cards: dict[str, dict] = {}
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "models": sorted(self.models)}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict:
+        missing = [m for m in self.models if m not in self._cards]
+        cards = await asyncio.gather(*(self.models[m].model_card.remote() for m in missing))
+        self._cards.update(zip(missing, cards))
+        return {"object": "list", "data": [self._cards[m] for m in self.models]}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        return await self._serve(body, body.prompts(), chat=False, want_logprobs=body.logprobs is not None)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        try:
+            conversation = body.conversation()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return await self._serve(body, [conversation], chat=True, want_logprobs=body.logprobs)
+
+    # ---- one request: n x prompts engine requests -------------------------------------
+
+    async def _serve(self, body, prompts: list, chat: bool, want_logprobs: bool):
+        handle = self.models.get(body.model)
+        if handle is None:
+            raise APIError(400, f"model {body.model!r} is not served here; GET /v1/models lists the models",
+                           code="model_not_found")
+        try:
+            params = [body.params(i) for i in range(body.n)]
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        jobs = [(prompt, p) for prompt in prompts for p in params]
+        streams, firsts = await self._start(handle, jobs)
+        states = [ChoiceState(i, chat, want_logprobs, body.return_exit_layers) for i in range(len(jobs))]
+        builder = ResponseBuilder(body.model, chat)
+        if body.stream:
+            events = self._events(streams, firsts, states, builder, body.n, body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        for stream, first, state in zip(streams, firsts, states):
+            state.add(first)
+        await asyncio.gather(*(self._drain(s, st) for s, st in zip(streams, states) if not st.finish_reason))
+        response = builder.envelope([s.full() for s in states], chunk=False)
+        response["usage"] = builder.usage(states, body.n)
+        return response
+
+    async def _start(self, handle: DeploymentHandle, jobs: list) -> tuple[list, list[dict]]:
+        """Submit every job and wait for its first delta, so a bad request or a full queue fails before the 200."""
+        streams = []
+        try:
+            for prompt, params in jobs:
+                streams.append(handle.options(stream=True).generate.remote(prompt, params))
+            results = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+        except BackPressureError:
+            results = [BackPressureError(0, 0)]
+        failure = next((r for r in results if isinstance(r, BaseException) or "error" in r), None)
+        if failure is None:
+            return streams, results
+        for stream in streams:
+            _cancel(stream)
+        if isinstance(failure, BackPressureError):
+            raise APIError(503, "the model's request queue is full; retry later", "server_error",
+                           "queue_full", headers={"Retry-After": str(self.retry_after_s)})
+        if isinstance(failure, BaseException):
+            raise failure
+        raise APIError(400, failure["error"])
+
+    @staticmethod
+    async def _drain(stream: DeploymentResponseGenerator, state: ChoiceState) -> None:
+        async for delta in stream:
+            state.add(delta)
+
+    async def _events(self, streams, firsts, states, builder: ResponseBuilder, n: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per delta of any choice, then usage if asked, then [DONE]."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                queue.put_nowait((index, firsts[index]))
+                if not firsts[index]["finished"]:
+                    async for delta in streams[index]:
+                        queue.put_nowait((index, delta))
+            except Exception as exc:  # an engine fault ends this choice with an error event
+                queue.put_nowait((index, exc))
+            finally:
+                queue.put_nowait((index, None))
+
+        pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+        open_streams = len(streams)
+        try:
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, Exception):
+                    yield sse_event(error_body(f"generation failed: {item}", "server_error"))
+                else:
+                    states[index].add(item)
+                    yield sse_event(builder.envelope([states[index].chunk(item)], chunk=True))
+            if include_usage:
+                yield sse_event({**builder.envelope([], chunk=True), "usage": builder.usage(states, n)})
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we are done): stop every engine request
+            for stream, task in zip(streams, pumps):
+                _cancel(stream)
+                task.cancel()

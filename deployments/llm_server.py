@@ -1,0 +1,89 @@
+"""`LLMServer`: one engine per Serve replica, requests streamed back as they decode."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import AsyncIterator
+
+import torch
+from ray import serve
+
+from deployments.config import ModelConfig
+from helios.async_engine import AsyncLLMEngine
+from helios.engine import LLMEngine, Prompt, RequestOutput
+from helios.sampling_params import SamplingParams
+from telemetry.metrics import ServingMetrics
+
+logger = logging.getLogger("helios.serve")
+
+
+@serve.deployment
+class LLMServer:
+    def __init__(self, model: ModelConfig):
+        # Ray sets OMP_NUM_THREADS from the replica's CPUs; make torch follow it explicitly
+        torch.set_num_threads(max(1, int(model.num_cpus)))
+        self.model = model
+        engine = LLMEngine(model.engine_config())
+        self.metrics = ServingMetrics(model.id, model.source, engine.num_loaded_layers, engine.arch.num_layers,
+                                      model.engine.exit_policy)
+        self.engine = AsyncLLMEngine(engine, on_step=self.metrics.observe_step)
+        self.created = int(time.time())
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[dict]:
+        """Stream one request as deltas (see `_delta`); the first item is {"error": ...} for bad input.
+
+        Serve cancels this generator when the caller goes away; the engine then aborts the
+        request and frees its KV blocks.
+        """
+        start = time.monotonic()
+        first_token_at = None
+        stream = self.engine.generate(prompt, params)
+        try:
+            async for out in stream:
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                yield self._delta(out)
+                if out.finished:
+                    self.metrics.observe_request(first_token_at - start, time.monotonic() - start,
+                                                 len(out.token_ids), out.finish_reason or "stop")
+        except (ValueError, TypeError) as exc:  # raised by validation, before anything was queued
+            yield {"error": str(exc)}
+        finally:
+            await stream.aclose()
+
+    def _delta(self, out: RequestOutput) -> dict:
+        first_new = len(out.token_ids) - len(out.new_token_ids)
+        delta = {"text": out.new_text, "token_ids": out.new_token_ids, "exit_layers": out.exit_layers[first_new:],
+                 "finished": out.finished, "finish_reason": out.finish_reason,
+                 "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids)}
+        if out.logprobs is not None:
+            delta["logprobs"] = [self._named_logprob(entry) for entry in out.logprobs[first_new:]]
+        return delta
+
+    def _named_logprob(self, entry: dict) -> dict:
+        """Token ids -> token strings, for OpenAI's logprobs fields."""
+        name = self._token_text
+        return {"token": name(entry["token_id"]), "logprob": entry["logprob"],
+                "top": [(name(token_id), logprob) for token_id, logprob in entry["top"]]}
+
+    def _token_text(self, token_id: int) -> str:
+        tokenizer = self.engine.engine.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+    def model_card(self) -> dict:
+        engine = self.engine.engine
+        return {"id": self.model.id, "object": "model", "created": self.created, "owned_by": "helios",
+                "source": self.model.source, "max_model_len": engine.max_model_len,
+                "num_layers_loaded": engine.num_loaded_layers, "num_layers": engine.arch.num_layers,
+                "exit_policy": self.model.engine.exit_policy}
+
+    def engine_state(self) -> dict:
+        """What the engine holds now (for tests and debugging)."""
+        engine = self.engine.engine
+        return {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
+                "free_blocks": len(engine.blocks.free_blocks), "num_blocks": engine.blocks.num_blocks}
+
+    def check_health(self) -> None:
+        if self.engine.failed is not None:
+            raise RuntimeError(f"the engine failed: {self.engine.failed!r}")

@@ -1,0 +1,55 @@
+"""Start Ray (embedded, unless RAY_ADDRESS points at a cluster) and Serve a config; `helios serve`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import ray
+from ray import serve
+
+from deployments.app import build_app_from_config
+from deployments.config import ServeConfig
+
+logger = logging.getLogger("helios.serve")
+APP_NAME = "helios"
+
+
+def start(config: ServeConfig) -> str:
+    """Deploy `config` and wait until every model replica is up; return the base URL."""
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:  # the embedded default: a local Ray instance that lives as long as this process
+            ray.init(include_dashboard=False, _metrics_export_port=config.metrics_export_port)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    logger.info("loading %d model(s): %s", len(config.models), ", ".join(m.id for m in config.models))
+    serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{config.http.host}:{config.http.port}"
+
+
+def stop() -> None:
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_forever(config: ServeConfig) -> None:
+    """Serve until Ctrl-C or SIGTERM, then shut Serve and Ray down cleanly."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # explicit: SIGINT may arrive ignored in a background job
+        signal.signal(signum, _interrupt)
+    try:
+        url = start(config)
+        print(f"Helios is serving {', '.join(m.id for m in config.models)} at {url}/v1 "
+              f"(metrics: http://127.0.0.1:{config.metrics_export_port}/metrics); Ctrl-C stops it.", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        stop()
