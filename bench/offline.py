@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,18 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helios import LLM, SamplingParams  # noqa: E402
 from helios.datasets import load_prompts  # noqa: E402
-
-
-def machine() -> dict:
-    import os
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": gpu, "torch": torch.__version__,
-            "platform": platform.platform()}
+from common import machine  # noqa: E402
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:

@@ -59,6 +59,9 @@ class ModelConfig(_Strict):
     # Serve's router, and beyond max_queued_requests the ingress answers 503 with Retry-After
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(64, ge=0)
+    # tokens per streamed chunk after the first: each chunk costs serialization and hops between
+    # processes, so a larger interval leaves more CPU to the engine (vLLM's --stream-interval)
+    stream_interval: int = Field(1, ge=1)
 
     @model_validator(mode="before")
     @classmethod

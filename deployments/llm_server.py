@@ -24,6 +24,7 @@ class LLMServer:
         # Ray sets OMP_NUM_THREADS from the replica's CPUs; make torch follow it explicitly
         torch.set_num_threads(max(1, int(model.num_cpus)))
         self.model = model
+        self.stream_interval = model.stream_interval
         engine = LLMEngine(model.engine_config())
         self.metrics = ServingMetrics(model.id, model.source, engine.num_loaded_layers, engine.arch.num_layers,
                                       model.engine.exit_policy)
@@ -37,13 +38,18 @@ class LLMServer:
         request and frees its KV blocks.
         """
         start = time.monotonic()
-        first_token_at = None
+        first_token_at, first_out = None, None
+        pending: RequestOutput | None = None  # tokens held back until stream_interval is reached
         stream = self.engine.generate(prompt, params)
         try:
             async for out in stream:
                 if first_token_at is None:
-                    first_token_at = time.monotonic()
-                yield self._delta(out)
+                    first_token_at, first_out = time.monotonic(), out
+                pending = out if pending is None else pending.followed_by(out)
+                # the first delta goes out at once (TTFT); later ones in chunks of stream_interval
+                if out.finished or out is first_out or len(pending.new_token_ids) >= self.stream_interval:
+                    yield self._delta(pending)
+                    pending = None
                 if out.finished:
                     self.metrics.observe_request(first_token_at - start, time.monotonic() - start,
                                                  len(out.token_ids), out.finish_reason or "stop")

@@ -1,14 +1,18 @@
 """An asyncio front for serving: add a request, iterate its output deltas, abort it.
 
-One background task steps the engine in a worker thread while there is work. Requests
-and aborts from the event loop are queued and applied between steps, so the engine is
-only ever touched by one thread at a time.
+One background thread owns the engine: it applies queued adds and aborts, steps, and hands
+each step's outputs to the event loop, then steps again at once. The event loop never
+touches the engine, and the engine never waits for the event loop: whatever the consumers
+do with an output (a Serve replica streams it to another process) overlaps the next step
+instead of adding to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
+import threading
 from typing import AsyncIterator, Callable
 
 from helios.config import EngineConfig
@@ -19,12 +23,12 @@ from helios.sampling_params import SamplingParams
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine], None] | None = None):
         self.engine = engine
-        self.on_step = on_step  # called after every step and abort (metrics read the engine here)
+        self.on_step = on_step  # called in the engine thread after every step and when idle (metrics)
         self._queues: dict[str, asyncio.Queue] = {}
-        self._pending_adds: list = []
-        self._pending_aborts: set[str] = set()
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("abort", id) | ("stop",)
+        self._work = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._error: BaseException | None = None
 
@@ -32,73 +36,92 @@ class AsyncLLMEngine:
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
         return cls(LLMEngine(config))
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+    # ---- the engine thread -----------------------------------------------------------
 
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._apply_pending()
-            if not self.engine.has_unfinished() and not self._pending_adds:
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="helios-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while self._apply_commands():
+            if not self.engine.has_unfinished():
                 self._notify()
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                self._work.wait()
+                self._work.clear()  # commands put before the matching set() are applied next
                 continue
             try:
-                outputs = await loop.run_in_executor(None, self.engine.step)
+                outputs = self.engine.step()
             except BaseException as exc:  # an engine fault fails every open request, loudly
-                self._fail_all(exc)
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
                 raise
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                if out.finished:
-                    self._queues.pop(out.request_id, None)
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
             self._notify()
-            await asyncio.sleep(0)  # let handlers run between steps
+
+    def _apply_commands(self) -> bool:
+        """Apply queued adds and aborts; False once asked to stop."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if command[0] == "add":
+                self.engine.add_sequence(command[1])
+            elif command[0] == "abort":
+                self.engine.abort(command[1])
+            else:
+                return False
 
     def _notify(self) -> None:
         if self.on_step is not None:
             self.on_step(self.engine)
 
-    def _apply_pending(self) -> None:
-        for seq in self._pending_adds:
-            self.engine.add_sequence(seq)
-        self._pending_adds.clear()
-        for request_id in self._pending_aborts:
-            self.engine.abort(request_id)
-        self._pending_aborts.clear()
+    def _send(self, *command) -> None:
+        self._commands.put(command)
+        self._work.set()
+
+    # ---- the event loop ----------------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._queues.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+            if out.finished:
+                self._queues.pop(out.request_id, None)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
-        for queue in self._queues.values():
-            queue.put_nowait(exc)
+        for stream in self._queues.values():
+            stream.put_nowait(exc)
         self._queues.clear()
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield one output per step that changes the request; the last has finished=True.
+        """Yield an output per step that changes the request; the last has finished=True.
 
-        Bad input raises ValueError before anything is queued. Leaving the iteration early
-        (a client that disconnects) aborts the request and frees its KV blocks.
+        A consumer that falls behind gets what piled up merged into one output. Bad input
+        raises ValueError before anything is queued. Leaving the iteration early (a client
+        that disconnects) aborts the request and frees its KV blocks.
         """
-        self._ensure_loop()
+        if self._error is not None:
+            raise RuntimeError("the engine failed") from self._error
+        self._ensure_thread()
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        # validation happens here, in the caller; the loop adds the sequence between steps
-        seq = self.engine.make_sequence(prompt, params, request_id)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._pending_adds.append(seq)
-        self._wakeup.set()
+        seq = self.engine.make_sequence(prompt, params, request_id)  # validates; touches no engine state
+        stream: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = stream
+        self._send("add", seq)
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await stream.get()
+                while not stream.empty() and isinstance(item, RequestOutput) and not item.finished:
+                    later = stream.get_nowait()
+                    item = item.followed_by(later) if isinstance(later, RequestOutput) else later
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine failed") from item
                 finished = item.finished
@@ -109,13 +132,18 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
-        self._pending_aborts.add(request_id)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._send("abort", request_id)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (open requests get no more output)."""
+        if self._thread is not None:
+            self._send("stop")
+            self._thread.join()
+            self._thread = None
 
     @property
     def failed(self) -> BaseException | None:
-        """The exception that stopped the engine loop, if one did."""
+        """The exception that stopped the engine thread, if one did."""
         return self._error
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import Counter
@@ -39,6 +40,11 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None
     num_preemptions: int = 0
+
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """`later`, with this output's new text and tokens in front: two deltas as one."""
+        return dataclasses.replace(later, new_text=self.new_text + later.new_text,
+                                   new_token_ids=self.new_token_ids + later.new_token_ids)
 
 
 @dataclass

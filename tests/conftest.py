@@ -67,7 +67,7 @@ def free_port() -> int:
 def served(tiny_chat_model_dir):
     """One real Ray Serve instance on 127.0.0.1 for every serving test (start-up costs seconds).
 
-    Models: `tiny` (llama) and `tiny-qwen` (qwen2), `tiny-busy` (one request at a time, one
+    Models: `tiny` (llama) and `tiny-qwen` (qwen2, streams 3 tokens per chunk), `tiny-busy` (one request at a time, one
     queued: for the queue-full test), and the default model as `smollm2` when installed.
     """
     import ray
@@ -80,7 +80,7 @@ def served(tiny_chat_model_dir):
              _system_config={"metrics_report_interval_ms": 500})
     tiny = {"num_cpus": 0, "engine": {"kv_cache_memory": "16MiB"}}
     models = [{"id": "tiny", "source": str(tiny_chat_model_dir("llama")), **tiny},
-              {"id": "tiny-qwen", "source": str(tiny_chat_model_dir("qwen2")), **tiny},
+              {"id": "tiny-qwen", "source": str(tiny_chat_model_dir("qwen2")), "stream_interval": 3, **tiny},
               {"id": "tiny-busy", "source": str(tiny_chat_model_dir("llama")), "max_ongoing_requests": 1,
                "max_queued_requests": 1, **tiny}]
     if default_model_available():

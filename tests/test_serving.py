@@ -64,7 +64,8 @@ def test_chat_streaming_equals_non_streaming(client, local_llm):
 
 
 def test_stream_is_sse_ending_with_done(served):
-    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "temperature": 0, "stream": True}
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "temperature": 0, "stream": True,
+            "return_exit_layers": True}
     with httpx.stream("POST", served["base_url"] + "/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -72,7 +73,19 @@ def test_stream_is_sse_ending_with_done(served):
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e[6:]) for e in events[:-1]]
-    assert len(payloads) == 4 and payloads[-1]["choices"][0]["finish_reason"] == "length"
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+    # one chunk per step, or fewer when the server merged deltas for a lagging reader
+    assert sum(len(p["choices"][0]["exit_layers"]) for p in payloads) == 4 and 1 <= len(payloads) <= 4
+
+
+def test_stream_interval_sends_tokens_in_chunks(client, local_llm):
+    expected = local_llm["tiny-qwen"].generate("Hello", SamplingParams(max_tokens=10, temperature=0))[0]
+    chunks = list(client.completions.create(model="tiny-qwen", prompt="Hello", max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"return_exit_layers": True}))
+    sizes = [len(c.choices[0].model_extra["exit_layers"]) for c in chunks]
+    assert sum(sizes) == len(expected.token_ids) and len(sizes) <= 5  # first delta at once (TTFT), then
+    assert all(size >= 3 for size in sizes[1:-1])  # chunks of at least stream_interval (3)
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
 
 
 def test_n_seed_stop_and_prompt_lists(client, local_llm):

@@ -1,0 +1,266 @@
+"""Online serving benchmark, vLLM's conventions, against any OpenAI-compatible endpoint.
+
+    # an endpoint that is already up (helios serve, vLLM, ...)
+    python bench/serving.py --base-url http://127.0.0.1:8000 --model smollm2-135m --request-rate 4
+    # Helios over HTTP vs the in-process engine, same prompts, one run (starts and stops Ray itself)
+    python bench/serving.py --compare-in-process --num-prompts 64 --max-tokens 128 --json out.json
+
+Requests are chat completions (streamed, greedy, `ignore_eos` so every request makes
+--max-tokens tokens) sent with Poisson arrivals at --request-rate (inf = all at once) and at
+most --max-concurrency in flight. Reported per backend: TTFT, TPOT, inter-token latency (ITL)
+and end-to-end latency (mean, median, p99, in ms), request and output-token throughput, and
+goodput (requests/s meeting every --goodput limit, e.g. ttft:2000 tpot:200 e2e:20000 in ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine  # noqa: E402
+from helios.datasets import load_prompts  # noqa: E402
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)  # arrival time of each streamed piece
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+# a backend streams one request: it yields (number of new tokens, finished) and, at the end, nothing more
+Backend = Callable[[str, int], AsyncIterator[int]]
+
+
+def http_backend(base_url: str, model: str) -> tuple[Backend, Callable]:
+    import httpx
+
+    client = httpx.AsyncClient(base_url=base_url, timeout=None, limits=httpx.Limits(max_connections=None))
+
+    async def stream(prompt: str, max_tokens: int) -> AsyncIterator[int]:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    yield -chunk["usage"]["completion_tokens"]  # the exact count, from the server
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None:
+                    yield 1  # one chunk per engine step per request: one token
+
+    return stream, client.aclose
+
+
+def in_process_backend(engine) -> Backend:
+    from helios import SamplingParams
+
+    async def stream(prompt: str, max_tokens: int) -> AsyncIterator[int]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        async for out in engine.generate([{"role": "user", "content": prompt}], params):
+            yield len(out.new_token_ids)
+
+    return stream
+
+
+async def one_request(backend: Backend, prompt: str, max_tokens: int) -> RequestResult:
+    result, start = RequestResult(), time.perf_counter()
+    try:
+        async for count in backend(prompt, max_tokens):
+            now = time.perf_counter() - start
+            if count < 0:
+                result.output_tokens = -count
+                continue
+            if not result.chunk_times:
+                result.ttft = now
+            result.chunk_times.append(now)
+            result.output_tokens += count
+        result.e2e, result.ok = time.perf_counter() - start, True
+    except Exception as exc:  # reported, counted as failed
+        result.error = str(exc)
+    return result
+
+
+async def run_load(backend: Backend, prompts: list[str], max_tokens: int, rate: float,
+                   max_concurrency: int | None, seed: int) -> tuple[list[RequestResult], float]:
+    """Poisson arrivals at `rate` requests/s (inf: all at once), at most `max_concurrency` in flight."""
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def limited(prompt: str) -> RequestResult:
+        if gate is None:
+            return await one_request(backend, prompt, max_tokens)
+        async with gate:
+            return await one_request(backend, prompt, max_tokens)
+
+    tasks, start = [], time.perf_counter()
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(limited(prompt)))
+        if math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean_ms": None, "median_ms": None, "p99_ms": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return {"mean_ms": 1000 * statistics.fmean(values), "median_ms": 1000 * statistics.median(values),
+            "p99_ms": 1000 * p99}
+
+
+def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, float]) -> dict:
+    done = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in done)
+
+    def meets(r: RequestResult) -> bool:
+        measured = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2e": r.e2e}
+        return all(measured[k] * 1000 <= limit for k, limit in slo_ms.items())
+
+    return {
+        "completed": len(done), "failed": len(results) - len(done),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration, "output_tokens": tokens,
+        "request_throughput": len(done) / duration, "output_throughput": tokens / duration,
+        "goodput": sum(map(meets, done)) / duration if slo_ms else None,
+        "ttft": _stats([r.ttft for r in done]), "tpot": _stats([r.tpot for r in done if r.tpot is not None]),
+        "itl": _stats([gap for r in done for gap in r.itls]), "e2e": _stats([r.e2e for r in done]),
+    }
+
+
+def print_summary(name: str, summary: dict) -> None:
+    print(f"\n== {name}: {summary['completed']} ok, {summary['failed']} failed in {summary['duration_s']:.1f} s")
+    print(f"   request throughput {summary['request_throughput']:.2f} req/s, "
+          f"output {summary['output_throughput']:.1f} tok/s" +
+          (f", goodput {summary['goodput']:.2f} req/s" if summary["goodput"] is not None else ""))
+    for key in ("ttft", "tpot", "itl", "e2e"):
+        s = summary[key]
+        if s["mean_ms"] is not None:
+            print(f"   {key:>4}: mean {s['mean_ms']:8.1f}  median {s['median_ms']:8.1f}  p99 {s['p99_ms']:8.1f} ms")
+    for error in summary["errors"]:
+        print(f"   error: {error}")
+
+
+async def bench_http(args, prompts: list[str], slo: dict) -> dict:
+    backend, close = http_backend(args.base_url, args.model)
+    try:
+        await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
+        results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,
+                                           args.max_concurrency, args.seed)
+    finally:
+        await close()
+    return summarize(results, duration, slo)
+
+
+async def bench_in_process(args, prompts: list[str], slo: dict) -> dict:
+    from helios import EngineConfig, LLMEngine
+    from helios.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=args.source, kv_cache_memory=args.kv_cache_memory,
+                                                   max_num_seqs=args.max_num_seqs)))
+    backend = in_process_backend(engine)
+    await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
+    results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,
+                                       args.max_concurrency, args.seed)
+    return summarize(results, duration, slo)
+
+
+def start_helios(args) -> None:
+    """Helios on Ray Serve with one model replica using every local CPU (as `helios serve` does)."""
+    import os
+
+    from deployments import run
+    from deployments.config import parse_config
+
+    config = parse_config({"http": {"host": "127.0.0.1", "port": args.port},
+                           "models": [{"id": args.model, "source": args.source, "num_cpus": os.cpu_count(),
+                                       "max_ongoing_requests": args.max_num_seqs,
+                                       "stream_interval": args.stream_interval,
+                                       "engine": {"kv_cache_memory": args.kv_cache_memory,
+                                                  "max_num_seqs": args.max_num_seqs}}]})
+    args.base_url = run.start(config)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default="smollm2-135m", help="the model name sent in requests")
+    parser.add_argument("--source", default="smollm2-135m", help="what Helios loads (--compare-in-process)")
+    parser.add_argument("--dataset", default=None, help="Alpaca JSON, JSONL or ShareGPT (default: shared roleplay set)")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default inf)")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--goodput", nargs="*", default=[], help="SLO limits in ms: ttft:MS tpot:MS e2e:MS")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-in-process", action="store_true",
+                        help="start Helios on Ray Serve, measure over HTTP, stop it, then measure the "
+                             "in-process engine on the same prompts and report the ratio")
+    parser.add_argument("--port", type=int, default=8000, help="port for --compare-in-process")
+    parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk (Helios server)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    slo = {k: float(v) for k, v in (item.split(":") for item in args.goodput)}
+    if set(slo) - {"ttft", "tpot", "e2e"}:
+        raise SystemExit("--goodput takes ttft:MS tpot:MS e2e:MS")
+    prompts = load_prompts(args.dataset, args.num_prompts)
+    report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "dataset": args.dataset or "default",
+              "num_prompts": len(prompts), "max_tokens": args.max_tokens, "request_rate": args.request_rate,
+              "max_concurrency": args.max_concurrency, "slo_ms": slo, "results": {}}
+    if args.compare_in_process:
+        from deployments import run
+
+        start_helios(args)
+        try:
+            report["results"]["helios-http"] = asyncio.run(bench_http(args, prompts, slo))
+        finally:
+            run.stop()
+        report["results"]["helios-in-process"] = asyncio.run(bench_in_process(args, prompts, slo))
+        http, local = report["results"]["helios-http"], report["results"]["helios-in-process"]
+        report["http_over_in_process"] = http["output_throughput"] / local["output_throughput"]
+    else:
+        report["results"]["endpoint"] = asyncio.run(bench_http(args, prompts, slo))
+    for name, summary in report["results"].items():
+        print_summary(name, summary)
+    if "http_over_in_process" in report:
+        print(f"\nHTTP keeps {report['http_over_in_process']:.2f} of the in-process output throughput")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
