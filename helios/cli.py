@@ -21,7 +21,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-policy", default="none", choices=["none", "batch", "token"])
     parser.add_argument("--exit-layers", type=_int_list, default=[], help="exit points, e.g. 6,12,18,24")
     parser.add_argument("--exit-threshold", type=float, default=0.9)
-    parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "saturation", "classifier"])
+    parser.add_argument("--confidence", default=None, choices=["max_prob", "margin", "saturation", "classifier"],
+                        help="default: the exit heads' own measure, else max_prob")
+    parser.add_argument("--exit-target", type=float, default=None,
+                        help="token agreement the tuned heads' thresholds were calibrated for (e.g. 0.95)")
     parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads")
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache")
     parser.add_argument("--device", default="auto")
@@ -31,6 +34,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> dict:
     return dict(max_layers=args.max_layers, exit_policy=args.exit_policy, exit_layers=args.exit_layers,
                 exit_threshold=args.exit_threshold, confidence=args.confidence, exit_heads=args.exit_heads,
+                exit_target=args.exit_target,
                 kv_cache_memory=args.kv_cache_memory, device=args.device, dtype=args.dtype)
 
 
@@ -63,6 +67,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ee_tune(args: argparse.Namespace) -> int:
+    from helios.ee_tune_command import run_ee_tune
+
+    args.dataset = args.dataset or args.default_train
+    args.heldout = args.heldout or args.default_heldout
+    args.command_line = "helios " + " ".join(sys.argv[1:])
+    return run_ee_tune(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios", description="Serve and run early-exit LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -77,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text, without the chat template")
     gen.add_argument("--show-exits", action="store_true", help="print each token's exit layer to stderr")
     gen.set_defaults(func=_generate)
+    tune = commands.add_parser("ee-tune", help="train and calibrate exit heads on a frozen model")
+    from helios.ee_tune_command import add_arguments as add_tune_arguments
+
+    add_tune_arguments(tune)
+    tune.set_defaults(func=_ee_tune)
     srv = commands.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
     srv.add_argument("config", nargs="?", help="YAML serving config (default: the default model on 127.0.0.1:8000)")
     srv.add_argument("--host", default=None, help="override http.host")

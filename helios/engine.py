@@ -12,7 +12,7 @@ import torch
 
 from helios.block_manager import BlockManager, kv_bytes_per_token, num_blocks_for_budget
 from helios.config import EngineConfig
-from helios.exits import ExitHead, load_exit_heads
+from helios.exits import ExitHead, apply_calibration, load_exit_heads
 from helios.loader import load_model
 from helios.runner import ModelRunner
 from helios.sampler import sample
@@ -71,7 +71,7 @@ class LLMEngine:
         loaded = load_model(config.model, config.max_layers, dtype=dtype, device=device)
         self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
         self.num_loaded_layers = self.model.num_loaded_layers
-        heads = self._exit_heads(config)
+        heads, confidence = self._exit_heads(config)
         per_token = kv_bytes_per_token(self.num_loaded_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                        dtype.itemsize)
         num_blocks = num_blocks_for_budget(config.kv_cache_memory, config.block_size, per_token)
@@ -82,21 +82,25 @@ class LLMEngine:
                     loaded.source, self.num_loaded_layers, self.arch.num_layers, device, str(dtype).split(".")[-1],
                     num_blocks, config.block_size, capacity, num_blocks * config.block_size * per_token / 2**20)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, heads, config.exit_policy,
-                                  config.confidence, config.exit_profile, config.seed)
+                                  confidence, config.exit_profile, config.seed)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = self._eos_ids(loaded.hf_config)
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
 
-    def _exit_heads(self, config: EngineConfig) -> list[ExitHead]:
+    def _exit_heads(self, config: EngineConfig) -> tuple[list[ExitHead], str]:
+        """The exit heads and the confidence measure they are checked with."""
         if config.exit_heads:
-            heads, _ = load_exit_heads(config.exit_heads, self.model)
-            return heads
+            heads, meta = load_exit_heads(config.exit_heads, self.model)
+            if config.exit_target is not None:
+                apply_calibration(heads, meta, config.exit_target)
+            return heads, config.confidence or meta.get("confidence", "max_prob")
         for layer in config.exit_layers:
             if layer > self.arch.num_layers:
                 raise ValueError(f"exit layer {layer} is past the model's {self.arch.num_layers} layers")
-        return [ExitHead(layer, config.exit_threshold) for layer in sorted(set(config.exit_layers))]
+        heads = [ExitHead(layer, config.exit_threshold) for layer in sorted(set(config.exit_layers))]
+        return heads, config.confidence or "max_prob"
 
     def _eos_ids(self, hf_config) -> set[int]:
         ids = getattr(hf_config, "eos_token_id", None)

@@ -11,7 +11,9 @@ Head folder format (``helios-exit-heads/1``):
       {"format": "helios-exit-heads/1",
        "model": {"hidden_size": 576, "vocab_size": 49152, "num_layers": 30},
        "confidence": "max_prob",            # default measure for these heads
-       "exits": [{"layer": 6, "threshold": 0.9, "adapter_rank": 64, "classifier": true}, ...]}
+       "exits": [{"layer": 6, "threshold": 0.9, "adapter_rank": 64, "classifier": true}, ...],
+       "calibration": {"0.95": [t6, t12, ...], "0.98": [...]}}   # optional: thresholds per
+                                                                  # agreement target, in exit order
 
 - ``exit_heads.safetensors`` with, per exit ``L``: ``exit.L.norm`` [hidden] (optional:
   the final norm is used when absent), ``exit.L.adapter.down`` [rank, hidden] and
@@ -113,12 +115,24 @@ def save_exit_heads(folder: str | Path, heads: list[ExitHead], hidden_size: int,
     (folder / "exit_heads.json").write_text(json.dumps(meta, indent=2))
 
 
+# tuned heads that ship with Helios, by name (e.g. "smollm2-135m")
+SHIPPED_HEADS = Path(__file__).resolve().parent / "exit_heads"
+
+
+def resolve_exit_heads(reference: str | Path) -> Path:
+    """A folder path, or the name of heads shipped in helios/exit_heads/."""
+    folder = Path(reference)
+    if not folder.is_dir() and (SHIPPED_HEADS / str(reference)).is_dir():
+        return SHIPPED_HEADS / str(reference)
+    return folder
+
+
 def load_exit_heads(folder: str | Path, model: DecoderModel) -> tuple[list[ExitHead], dict]:
     """Read heads for `model`; shape or format problems raise ExitHeadError with the reason."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = resolve_exit_heads(folder)
     meta_path, weights_path = folder / "exit_heads.json", folder / "exit_heads.safetensors"
     for path in (meta_path, weights_path):
         if not path.is_file():
@@ -136,6 +150,17 @@ def load_exit_heads(folder: str | Path, model: DecoderModel) -> tuple[list[ExitH
         raise ExitHeadError(f"{folder} holds heads for another model: {meta.get('model')} vs this model's {expected}")
     heads = [_head_from_entry(entry, tensors, model) for entry in meta["exits"]]
     return heads, meta
+
+
+def apply_calibration(heads: list[ExitHead], meta: dict, target: float) -> float:
+    """Set the thresholds calibrated for the lowest stored agreement target >= `target`; return it."""
+    calibration = {float(t): v for t, v in meta.get("calibration", {}).items()}
+    meeting = sorted(t for t in calibration if t >= target - 1e-9)
+    if not meeting:
+        raise ExitHeadError(f"these heads are calibrated for agreement {sorted(calibration)}; none reaches {target}")
+    for head, threshold in zip(heads, calibration[meeting[0]]):
+        head.threshold = float(threshold)
+    return meeting[0]
 
 
 def _head_from_entry(entry: dict, tensors: dict, model: DecoderModel) -> ExitHead:

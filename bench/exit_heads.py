@@ -1,0 +1,157 @@
+"""Tuned exit heads: decode throughput vs token agreement, side by side with full depth.
+
+    python bench/exit_heads.py --json bench/results/exit_heads.json --plot bench/results/exit_heads.png
+
+Held-out prompts (default: the shared self-instruct set, the one `helios ee-tune` holds
+out; prompts from its end, which tuning never saw), chat template, greedy. One model load
+per batch size; each run switches the policy and the calibrated thresholds of the same
+engine. Reported per (batch size, policy, target): decode tokens/s (steps that hold only
+decodes: exits act there) and its ratio to full depth in the same run, the mean exit layer,
+token agreement with full depth on the same prefix (each generated token checked against
+the full model's greedy token after the same tokens) and position-by-position agreement
+with the full-depth output (stricter: one different token shifts the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine  # noqa: E402
+from offline import agreement, time_decode_steps  # noqa: E402
+
+from helios import LLM, SamplingParams  # noqa: E402
+from helios.datasets import SHARED_DATA, load_prompts  # noqa: E402
+from helios.distill import hidden_states  # noqa: E402
+from helios.exits import apply_calibration  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parent.parent / "helios" / "exit_heads" / "smollm2-135m"
+
+
+def same_prefix_agreement(llm: LLM, outputs) -> float:
+    """Share of generated tokens equal to the full model's greedy token after the same prefix."""
+    model, matched, total = llm.engine.model, 0, 0
+    head = llm.engine.runner.last_head
+    for out in outputs:
+        ids = out.prompt_token_ids + out.token_ids
+        _, final = hidden_states(model, ids[:-1], [])
+        full = model.lm_head(head.features(model, final[len(out.prompt_token_ids) - 1:])).argmax(-1)
+        matched += int((full == torch.tensor(out.token_ids)).sum())
+        total += len(out.token_ids)
+    return matched / max(1, total)
+
+
+def configure(llm: LLM, heads: dict, heads_meta: dict, policy: str, target: float | None) -> None:
+    """Switch the engine's exit policy and calibrated thresholds in place (one model load per batch size)."""
+    runner = llm.engine.runner
+    runner.policy = policy
+    runner.heads = {} if policy == "none" else dict(heads)
+    if target is not None:
+        apply_calibration(sorted(runner.heads.values(), key=lambda h: h.layer), heads_meta, target)
+
+
+def run(llm: LLM, prompts: list, max_tokens: int) -> dict:
+    untimed = llm.engine.runner.run
+    decode = time_decode_steps(llm)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    llm.engine.runner.run = untimed
+    return {"seconds": time.perf_counter() - started, "outputs": outputs,
+            "decode_tokens_per_s": decode["tokens"] / max(decode["seconds"], 1e-9),
+            "mean_exit_layer": statistics.fmean(l for o in outputs for l in o.exit_layers)}
+
+
+def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
+    llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", max_num_seqs=batch,
+              kv_cache_memory=args.kv_cache_memory)
+    heads = dict(llm.engine.runner.heads)
+    configure(llm, heads, meta, "none", None)
+    run(llm, prompts[:2], 8)  # warm-up
+    full = run(llm, prompts, args.max_tokens)
+    reference = [o.token_ids for o in full["outputs"]]
+    rows = [{"batch": batch, "policy": "full", "target": None, "decode_tokens_per_s": full["decode_tokens_per_s"],
+             "speedup": 1.0, "mean_exit_layer": full["mean_exit_layer"], "same_prefix_agreement": 1.0,
+             "sequence_agreement": 1.0}]
+    for policy in ("token", "batch"):
+        for target in args.targets:
+            configure(llm, heads, meta, policy, target)
+            result = run(llm, prompts, args.max_tokens)
+            rows.append({"batch": batch, "policy": policy, "target": target,
+                         "decode_tokens_per_s": result["decode_tokens_per_s"],
+                         "speedup": result["decode_tokens_per_s"] / full["decode_tokens_per_s"],
+                         "mean_exit_layer": result["mean_exit_layer"],
+                         "same_prefix_agreement": same_prefix_agreement(llm, result["outputs"]),
+                         "sequence_agreement": agreement([o.token_ids for o in result["outputs"]], reference)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    figure, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for policy, marker in (("token", "o"), ("batch", "s")):
+            points = [r for r in rows if r["batch"] == batch and r["policy"] == policy]
+            ax.plot([r["same_prefix_agreement"] for r in points], [r["speedup"] for r in points], marker=marker,
+                    label=f"{policy} policy")
+            for r in points:
+                ax.annotate(f"target {r['target']}", (r["same_prefix_agreement"], r["speedup"]), fontsize=7)
+        ax.axhline(1.0, color="grey", linestyle="--", label="full depth")
+        ax.axhline(1.3, color="red", linestyle=":", label="goal 1.3x")
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("token agreement with full depth (same prefix)")
+        ax.set_ylabel("decode throughput / full depth")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--heads", default=str(SHIPPED))
+    parser.add_argument("--dataset", default=str(SHARED_DATA / "self_instruct_seed_tasks.jsonl"))
+    parser.add_argument("--num-prompts", type=int, default=32, help="from the end of the data set")
+    parser.add_argument("--num-prompts-batch1", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--targets", default=None, help="comma-separated; default: every calibrated target")
+    parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="PNG of throughput vs agreement (needs matplotlib)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    meta = json.loads(Path(args.heads, "exit_heads.json").read_text())
+    args.targets = ([float(t) for t in args.targets.split(",")] if args.targets
+                    else sorted(float(t) for t in meta["calibration"]))
+    texts = load_prompts(args.dataset)[-args.num_prompts:]
+    prompts = [[{"role": "user", "content": t}] for t in texts]
+    started = time.time()
+    rows = bench_batch(args, prompts[:args.num_prompts_batch1], 1, meta)
+    rows += bench_batch(args, prompts, args.batch_size, meta)
+    report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "heads": args.heads,
+              "dataset": args.dataset, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+              "wall_seconds": time.time() - started, "results": rows}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
