@@ -5,7 +5,7 @@
 Held-out prompts (default: the shared self-instruct set, the one `helios ee-tune` holds
 out; prompts from its end, which tuning never saw), chat template, greedy. One model load
 per batch size; each run switches the policy and the calibrated thresholds of the same
-engine. Reported per (batch size, policy, target): decode tokens/s (steps that hold only
+engine; full depth runs before and after them (the ratio is to the mean of the two). Reported per (batch size, policy, target): decode tokens/s (steps that hold only
 decodes: exits act there) and its ratio to full depth in the same run, the mean exit layer,
 token agreement with full depth on the same prefix (each generated token checked against
 the full model's greedy token after the same tokens) and position-by-position agreement
@@ -71,28 +71,53 @@ def run(llm: LLM, prompts: list, max_tokens: int) -> dict:
 
 
 def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
+    """Full depth before and after the exit runs: the machine drifts, so each ratio is to their mean."""
     llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", max_num_seqs=batch,
               kv_cache_memory=args.kv_cache_memory)
     heads = dict(llm.engine.runner.heads)
     configure(llm, heads, meta, "none", None)
     run(llm, prompts[:2], 8)  # warm-up
-    full = run(llm, prompts, args.max_tokens)
-    reference = [o.token_ids for o in full["outputs"]]
-    rows = [{"batch": batch, "policy": "full", "target": None, "decode_tokens_per_s": full["decode_tokens_per_s"],
-             "speedup": 1.0, "mean_exit_layer": full["mean_exit_layer"], "same_prefix_agreement": 1.0,
-             "sequence_agreement": 1.0}]
+    full_before = run(llm, prompts, args.max_tokens)
+    reference = [o.token_ids for o in full_before["outputs"]]
+    rows = []
     for policy in ("token", "batch"):
         for target in args.targets:
             configure(llm, heads, meta, policy, target)
             result = run(llm, prompts, args.max_tokens)
             rows.append({"batch": batch, "policy": policy, "target": target,
                          "decode_tokens_per_s": result["decode_tokens_per_s"],
-                         "speedup": result["decode_tokens_per_s"] / full["decode_tokens_per_s"],
                          "mean_exit_layer": result["mean_exit_layer"],
                          "same_prefix_agreement": same_prefix_agreement(llm, result["outputs"]),
                          "sequence_agreement": agreement([o.token_ids for o in result["outputs"]], reference)})
             print(json.dumps(rows[-1]), flush=True)
-    return rows
+    configure(llm, heads, meta, "none", None)
+    full_after = run(llm, prompts, args.max_tokens)
+    full_tps = statistics.fmean([full_before["decode_tokens_per_s"], full_after["decode_tokens_per_s"]])
+    for row in rows:
+        row["speedup"] = row["decode_tokens_per_s"] / full_tps
+    full = {"batch": batch, "policy": "full", "target": None, "decode_tokens_per_s": full_tps, "speedup": 1.0,
+            "full_before_after": [full_before["decode_tokens_per_s"], full_after["decode_tokens_per_s"]],
+            "mean_exit_layer": full_before["mean_exit_layer"], "same_prefix_agreement": 1.0,
+            "sequence_agreement": 1.0}
+    return [full] + rows
+
+
+def teacher_forced(args, prompts: list, meta: dict) -> dict:
+    """On these prompts' full-depth continuations: what the calibrated thresholds do per token, and
+    the oracle bound (each token at the first exit whose head agrees: what better confidence could win)."""
+    from helios.distill import build_distill_set
+    from helios.ee_tune import exit_scores, oracle, simulate
+
+    llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", kv_cache_memory=args.kv_cache_memory)
+    heads = sorted(llm.engine.runner.heads.values(), key=lambda h: h.layer)
+    layers, depth = [h.layer for h in heads], llm.engine.arch.num_layers
+    data = build_distill_set(llm, prompts, layers, args.max_tokens, progress=False)
+    scores, agrees = exit_scores(llm.engine.model, heads, data)
+    result = {"tokens": len(data), "oracle": oracle(agrees, layers, depth), "targets": {}}
+    for target in args.targets:
+        apply_calibration(heads, meta, target)
+        result["targets"][str(target)] = simulate(scores, agrees, [h.threshold for h in heads], layers, depth)
+    return result
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -145,7 +170,8 @@ def main() -> None:
     rows += bench_batch(args, prompts, args.batch_size, meta)
     report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "heads": args.heads,
               "dataset": args.dataset, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-              "wall_seconds": time.time() - started, "results": rows}
+              "wall_seconds": time.time() - started, "results": rows,
+              "teacher_forced": teacher_forced(args, prompts, meta)}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

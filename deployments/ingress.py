@@ -112,7 +112,12 @@ class OpenAIIngress:
             return StreamingResponse(events, media_type="text/event-stream")
         for stream, first, state in zip(streams, firsts, states):
             state.add(first)
-        await asyncio.gather(*(self._drain(s, st) for s, st in zip(streams, states) if not st.finish_reason))
+        try:
+            await asyncio.gather(*(self._drain(s, st) for s, st in zip(streams, states) if not st.finish_reason))
+        except asyncio.CancelledError:  # the client went away: free the engine at once
+            for stream in streams:
+                _cancel(stream)
+            raise
         response = builder.envelope([s.full() for s in states], chunk=False)
         response["usage"] = builder.usage(states, body.n)
         return response

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import AsyncIterator
 
@@ -14,8 +13,6 @@ from helios.async_engine import AsyncLLMEngine
 from helios.engine import LLMEngine, Prompt, RequestOutput
 from helios.sampling_params import SamplingParams
 from telemetry.metrics import ServingMetrics
-
-logger = logging.getLogger("helios.serve")
 
 
 @serve.deployment
@@ -37,19 +34,12 @@ class LLMServer:
         Serve cancels this generator when the caller goes away; the engine then aborts the
         request and frees its KV blocks.
         """
-        start = time.monotonic()
-        first_token_at, first_out = None, None
-        pending: RequestOutput | None = None  # tokens held back until stream_interval is reached
+        start, first_token_at = time.monotonic(), None
         stream = self.engine.generate(prompt, params)
         try:
-            async for out in stream:
-                if first_token_at is None:
-                    first_token_at, first_out = time.monotonic(), out
-                pending = out if pending is None else pending.followed_by(out)
-                # the first delta goes out at once (TTFT); later ones in chunks of stream_interval
-                if out.finished or out is first_out or len(pending.new_token_ids) >= self.stream_interval:
-                    yield self._delta(pending)
-                    pending = None
+            async for out in self._chunked(stream):
+                first_token_at = first_token_at or time.monotonic()
+                yield self._delta(out)
                 if out.finished:
                     self.metrics.observe_request(first_token_at - start, time.monotonic() - start,
                                                  len(out.token_ids), out.finish_reason or "stop")
@@ -57,6 +47,15 @@ class LLMServer:
             yield {"error": str(exc)}
         finally:
             await stream.aclose()
+
+    async def _chunked(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """The first output at once (TTFT), then outputs merged to `stream_interval` tokens."""
+        pending, sent_first = None, False
+        async for out in stream:
+            pending = out if pending is None else pending.followed_by(out)
+            if out.finished or not sent_first or len(pending.new_token_ids) >= self.stream_interval:
+                yield pending
+                pending, sent_first = None, True
 
     def _delta(self, out: RequestOutput) -> dict:
         first_new = len(out.token_ids) - len(out.new_token_ids)

@@ -70,8 +70,8 @@ def build_distill_set(llm, prompts: list, exits: list[int], max_tokens: int, pro
         captured, final = hidden_states(model, ids[:-1], exits)
         rows = slice(len(out.prompt_token_ids) - 1, len(ids) - 1)  # the rows that produced the continuation
         for layer in exits:
-            hidden[layer].append(captured[layer][rows].float())
-        finals.append(final[rows].float())
+            hidden[layer].append(captured[layer][rows].float().cpu())  # cached on the host; batches move
+        finals.append(final[rows].float().cpu())
         tokens.append(torch.tensor(out.token_ids))
         owners.append(torch.full((len(out.token_ids),), number))
     return DistillSet({layer: torch.cat(h) for layer, h in hidden.items()}, torch.cat(finals), torch.cat(tokens),

@@ -42,6 +42,12 @@ class TuneOptions:
     seed: int = 0
 
 
+def _on(model: DecoderModel, x: torch.Tensor) -> torch.Tensor:
+    """A cached batch moved to the model's device and dtype (GPU tuning keeps the cache on the host)."""
+    weight = model.lm_head.weight
+    return x.to(device=weight.device, dtype=weight.dtype)
+
+
 def _logits(model: DecoderModel, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, model.lm_head.weight.float())
 
@@ -64,8 +70,8 @@ def kl_to_teacher(model: DecoderModel, head: ExitHead, data: DistillSet, batch_s
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             rows = slice(start, start + batch_size)
-            student = F.log_softmax(head.logits(model, data.hidden[head.layer][rows].to(model.lm_head.weight.dtype)), -1)
-            teacher = teacher_log_probs(model, data.final[rows])
+            student = F.log_softmax(head.logits(model, _on(model, data.hidden[head.layer][rows])), -1)
+            teacher = teacher_log_probs(model, _on(model, data.final[rows]).float())
             total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
     return total / max(1, len(data))
 
@@ -73,10 +79,11 @@ def kl_to_teacher(model: DecoderModel, head: ExitHead, data: DistillSet, batch_s
 def train_head(model: DecoderModel, layer: int, data: DistillSet, options: TuneOptions, progress=None) -> ExitHead:
     """Norm + low-rank adapter for one exit, trained with KL to the final distribution."""
     generator = torch.Generator().manual_seed(options.seed + layer)
-    hidden_size = model.arch.hidden_size
+    hidden_size, device = model.arch.hidden_size, model.lm_head.weight.device
     norm = model.norm.detach().float().clone().requires_grad_(True)
-    down = (torch.randn(options.rank, hidden_size, generator=generator) / hidden_size ** 0.5).requires_grad_(True)
-    up = torch.zeros(hidden_size, options.rank, requires_grad=True)
+    down = (torch.randn(options.rank, hidden_size, generator=generator) / hidden_size ** 0.5).to(device)
+    down.requires_grad_(True)
+    up = torch.zeros(hidden_size, options.rank, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([norm, down, up], lr=options.lr, weight_decay=0.0)
     states = data.hidden[layer]
     for epoch in range(options.epochs):
@@ -84,8 +91,8 @@ def train_head(model: DecoderModel, layer: int, data: DistillSet, options: TuneO
         for start in range(0, len(data), options.batch_size):
             rows = order[start:start + options.batch_size]
             with torch.no_grad():
-                teacher = teacher_log_probs(model, data.final[rows])
-            student = F.log_softmax(head_logits(model, norm, down, up, states[rows]), dim=-1)
+                teacher = teacher_log_probs(model, data.final[rows].to(device))
+            student = F.log_softmax(head_logits(model, norm, down, up, states[rows].to(device)), dim=-1)
             loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
             optimizer.zero_grad()
             loss.backward()
@@ -101,15 +108,15 @@ def head_agrees(model: DecoderModel, head: ExitHead, data: DistillSet, batch_siz
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             rows = slice(start, start + batch_size)
-            logits = head.logits(model, data.hidden[head.layer][rows].to(model.lm_head.weight.dtype))
-            hits.append(logits.argmax(-1) == data.tokens[rows])
+            logits = head.logits(model, _on(model, data.hidden[head.layer][rows]))
+            hits.append(logits.argmax(-1).cpu() == data.tokens[rows])
     return torch.cat(hits)
 
 
 def train_classifier(model: DecoderModel, head: ExitHead, data: DistillSet, options: TuneOptions) -> None:
     """A linear probe on the normed state predicting agreement; stored on `head`."""
     labels = head_agrees(model, head, data).float()
-    features = rms_norm(data.hidden[head.layer], head.norm, model.arch.rms_norm_eps).float()
+    features = rms_norm(data.hidden[head.layer], head.norm.float().cpu(), model.arch.rms_norm_eps)
     weight = torch.zeros(features.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
     positive = labels.mean().clamp(1e-3, 1 - 1e-3)
@@ -125,7 +132,8 @@ def train_classifier(model: DecoderModel, head: ExitHead, data: DistillSet, opti
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    head.classifier_weight, head.classifier_bias = weight.detach(), bias.detach()
+    device = model.lm_head.weight.device
+    head.classifier_weight, head.classifier_bias = weight.detach().to(device), bias.detach().to(device)
 
 
 def exit_scores(model: DecoderModel, heads: list[ExitHead], data: DistillSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +141,7 @@ def exit_scores(model: DecoderModel, heads: list[ExitHead], data: DistillSet) ->
     scores, agrees = [], []
     with torch.no_grad():
         for head in heads:
-            scores.append(head.classifier_score(model, data.hidden[head.layer].to(model.lm_head.weight.dtype)))
+            scores.append(head.classifier_score(model, _on(model, data.hidden[head.layer])).cpu())
             agrees.append(head_agrees(model, head, data))
     return torch.stack(scores), torch.stack(agrees)
 
@@ -172,6 +180,16 @@ def simulate(scores: torch.Tensor, agrees: torch.Tensor, thresholds: list[float]
     coverage[num_layers] = float(alive.float().mean())
     return {"agreement": float(correct.float().mean()), "mean_exit_layer": float(exit_layer.mean()),
             "coverage": coverage}
+
+
+def oracle(agrees: torch.Tensor, layers: list[int], num_layers: int) -> dict:
+    """The best any confidence measure could do with these heads: each token exits at the first
+    exit whose head agrees with the final token (agreement 1.0)."""
+    exit_layer = torch.full((agrees.shape[1],), float(num_layers))
+    for agree, layer in reversed(list(zip(agrees, layers))):
+        exit_layer[agree] = layer
+    coverage = {layer: float((exit_layer == layer).float().mean()) for layer in layers + [num_layers]}
+    return {"mean_exit_layer": float(exit_layer.mean()), "coverage": coverage}
 
 
 def tune(model: DecoderModel, exits: list[int], train: DistillSet, options: TuneOptions,

@@ -11,7 +11,7 @@ import torch
 
 from helios.datasets import load_prompts
 from helios.distill import DistillSet, build_distill_set
-from helios.ee_tune import TuneOptions, calibrate, exit_scores, head_agrees, kl_to_teacher, simulate, tune
+from helios.ee_tune import TuneOptions, calibrate, exit_scores, head_agrees, kl_to_teacher, oracle, simulate, tune
 from helios.exits import ExitHead, save_exit_heads
 
 logger = logging.getLogger("helios.tune")
@@ -89,6 +89,7 @@ def evaluate(model, raw: list[ExitHead], heads: list[ExitHead], heldout: Distill
         }
     cal_scores, cal_agrees = exit_scores(model, heads, calibration)
     eval_scores, eval_agrees = exit_scores(model, heads, evaluation)
+    report["oracle"] = oracle(eval_agrees, layers, model.arch.num_layers)
     for target in targets:
         thresholds = calibrate(cal_scores, cal_agrees, target)
         result = simulate(eval_scores, eval_agrees, thresholds, layers, model.arch.num_layers)

@@ -121,3 +121,12 @@ def test_shipped_heads_keep_their_calibrated_agreement(default_llm):
         matched += int((full == torch.tensor(out.token_ids)).sum())
         total += len(out.token_ids)
     assert matched / total >= calibrated - 0.03
+
+
+def test_oracle_exits_at_the_first_agreeing_head():
+    from helios.ee_tune import oracle
+
+    agrees = torch.tensor([[True, False, False, True], [True, True, False, False]])
+    result = oracle(agrees, [2, 4], 6)
+    assert result["mean_exit_layer"] == (2 + 4 + 6 + 2) / 4
+    assert result["coverage"] == {2: 0.5, 4: 0.25, 6: 0.25}
