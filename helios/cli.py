@@ -25,7 +25,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the exit heads' own measure, else max_prob")
     parser.add_argument("--exit-target", type=float, default=None,
                         help="token agreement the tuned heads' thresholds were calibrated for (e.g. 0.95)")
-    parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads")
+    parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads, or a shipped name (smollm2-135m)")
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
