@@ -31,23 +31,10 @@ from offline import agreement, time_decode_steps  # noqa: E402
 
 from helios import LLM, SamplingParams  # noqa: E402
 from helios.datasets import SHARED_DATA, load_prompts  # noqa: E402
-from helios.distill import hidden_states  # noqa: E402
+from helios.distill import same_prefix_agreement  # noqa: E402
 from helios.exits import apply_calibration  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parent.parent / "helios" / "exit_heads" / "smollm2-135m"
-
-
-def same_prefix_agreement(llm: LLM, outputs) -> float:
-    """Share of generated tokens equal to the full model's greedy token after the same prefix."""
-    model, matched, total = llm.engine.model, 0, 0
-    head = llm.engine.runner.last_head
-    for out in outputs:
-        ids = out.prompt_token_ids + out.token_ids
-        _, final = hidden_states(model, ids[:-1], [])
-        full = model.lm_head(head.features(model, final[len(out.prompt_token_ids) - 1:])).argmax(-1)
-        matched += int((full == torch.tensor(out.token_ids)).sum())
-        total += len(out.token_ids)
-    return matched / max(1, total)
 
 
 def configure(llm: LLM, heads: dict, heads_meta: dict, policy: str, target: float | None) -> None:
@@ -87,7 +74,7 @@ def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
             rows.append({"batch": batch, "policy": policy, "target": target,
                          "decode_tokens_per_s": result["decode_tokens_per_s"],
                          "mean_exit_layer": result["mean_exit_layer"],
-                         "same_prefix_agreement": same_prefix_agreement(llm, result["outputs"]),
+                         "same_prefix_agreement": same_prefix_agreement(llm.engine.model, result["outputs"]),
                          "sequence_agreement": agreement([o.token_ids for o in result["outputs"]], reference)})
             print(json.dumps(rows[-1]), flush=True)
     configure(llm, heads, meta, "none", None)

@@ -181,11 +181,11 @@ async def bench_http(args, prompts: list[str], slo: dict) -> dict:
 
 
 async def bench_in_process(args, prompts: list[str], slo: dict) -> dict:
-    from helios import EngineConfig, LLMEngine
+    from helios import EngineConfig
     from helios.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=args.source, kv_cache_memory=args.kv_cache_memory,
-                                                   max_num_seqs=args.max_num_seqs)))
+    engine = AsyncLLMEngine.from_config(EngineConfig(model=args.source, kv_cache_memory=args.kv_cache_memory,
+                                                     max_num_seqs=args.max_num_seqs))
     backend = in_process_backend(engine)
     await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
     results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,

@@ -101,9 +101,6 @@ class ServeConfig(_Strict):
             raise ValueError(f"model ids must be unique; repeated: {duplicates}")
         return models
 
-    def model(self, model_id: str) -> ModelConfig:
-        return next(m for m in self.models if m.id == model_id)
-
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message lists each bad key path and why."""

@@ -129,8 +129,8 @@ class OpenAIIngress:
             for prompt, params in jobs:
                 streams.append(handle.options(stream=True).generate.remote(prompt, params))
             results = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
-        except BackPressureError:
-            results = [BackPressureError(0, 0)]
+        except BackPressureError as exc:  # raised at submission rather than on the first item
+            results = [exc]
         failure = next((r for r in results if isinstance(r, BaseException) or "error" in r), None)
         if failure is None:
             return streams, results

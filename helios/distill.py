@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from helios.model import DecoderModel
+from helios.model import DecoderModel, rms_norm
 
 logger = logging.getLogger("helios.tune")
 
@@ -50,6 +50,25 @@ def hidden_states(model: DecoderModel, ids: list[int], layers: list[int]) -> tup
         if index + 1 in wanted:
             captured[index + 1] = hidden
     return captured, hidden
+
+
+@torch.inference_mode()
+def full_depth_tokens(model: DecoderModel, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """The full model's greedy token after each prefix of `output_ids` (teacher-forced)."""
+    _, final = hidden_states(model, prompt_ids + output_ids[:-1], [])
+    features = rms_norm(final[len(prompt_ids) - 1:], model.norm, model.arch.rms_norm_eps)
+    return model.lm_head(features).argmax(-1).cpu()
+
+
+def same_prefix_agreement(model: DecoderModel, outputs) -> float:
+    """Share of generated tokens equal to full depth's greedy token after the same tokens."""
+    matched = total = 0
+    for out in outputs:
+        if out.token_ids:
+            full = full_depth_tokens(model, out.prompt_token_ids, out.token_ids)
+            matched += int((full == torch.tensor(out.token_ids)).sum())
+            total += len(out.token_ids)
+    return matched / max(1, total)
 
 
 def build_distill_set(llm, prompts: list, exits: list[int], max_tokens: int, progress: bool = True) -> DistillSet:

@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from helios.datasets import load_prompts
 from helios.distill import DistillSet, build_distill_set

@@ -8,18 +8,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build_tiny_model  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """(folder, transformers model) per architecture, built once per session."""
+def _per_arch(tmp_path_factory, prefix: str, build):
+    """get(arch) -> build(folder, arch), built once per architecture and session."""
     cache = {}
 
     def get(arch: str = "llama"):
         if arch not in cache:
-            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
-            cache[arch] = (folder, build_tiny_model(folder, arch))
+            folder = tmp_path_factory.mktemp(f"{prefix}-{arch}")
+            cache[arch] = build(folder, arch)
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """(folder, transformers model) per architecture, built once per session."""
+    return _per_arch(tmp_path_factory, "tiny", lambda folder, arch: (folder, build_tiny_model(folder, arch)))
 
 
 def default_model_available() -> bool:
@@ -43,16 +48,11 @@ def tiny_chat_model_dir(tmp_path_factory):
     """(folder per architecture) of tiny models with a tokenizer and chat template, built once."""
     from tiny_models import build_tiny_chat_model
 
-    cache = {}
+    def build(folder, arch):
+        build_tiny_chat_model(folder, arch)
+        return folder
 
-    def get(arch: str = "llama"):
-        if arch not in cache:
-            folder = tmp_path_factory.mktemp(f"tiny-chat-{arch}")
-            build_tiny_chat_model(folder, arch)
-            cache[arch] = folder
-        return cache[arch]
-
-    return get
+    return _per_arch(tmp_path_factory, "tiny-chat", build)
 
 
 def free_port() -> int:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helios import LLM, SamplingParams
-from helios.distill import build_distill_set, hidden_states
+from helios.distill import build_distill_set, full_depth_tokens, same_prefix_agreement
 from helios.ee_tune import TuneOptions, calibrate, exit_scores, kl_to_teacher, simulate, train_head, tune
-from helios.exits import ExitHead, ExitHeadError, apply_calibration, load_exit_heads
+from helios.exits import ExitHead, ExitHeadError, apply_calibration
 
 TRAIN = ["The capital of France is", "Once upon a time", "Helios serves models", "numbers 0123", "the quick brown fox",
          "a tiny model answered", "questions about the weather", "jumps over the lazy dog"]
@@ -32,10 +32,8 @@ def tiny(tmp_path_factory):
 def test_cached_states_match_the_engine(tiny):
     _, llm, train, _ = tiny
     out = llm.generate(TRAIN[0], SamplingParams(max_tokens=24, temperature=0))[0]
-    _, final = hidden_states(llm.engine.model, out.prompt_token_ids + out.token_ids[:-1], [])
-    model = llm.engine.model
-    logits = model.lm_head(ExitHead(6, 1.0).features(model, final[len(out.prompt_token_ids) - 1:]))
-    assert logits.argmax(-1).tolist() == out.token_ids  # the teacher rows reproduce the greedy output
+    full = full_depth_tokens(llm.engine.model, out.prompt_token_ids, out.token_ids)
+    assert full.tolist() == out.token_ids  # the teacher rows reproduce the greedy output
 
 
 def test_tuning_lowers_heldout_kl(tiny):
@@ -113,14 +111,7 @@ def test_shipped_heads_keep_their_calibrated_agreement(default_llm):
     early = LLM(exit_heads=str(SHIPPED), exit_policy="token", exit_target=0.95, kv_cache_memory=256 << 20)
     outputs = early.chat([[{"role": "user", "content": p}] for p in prompts],
                          SamplingParams(max_tokens=48, temperature=0))
-    model, matched, total = default_llm.engine.model, 0, 0
-    for out in outputs:
-        ids = out.prompt_token_ids + out.token_ids
-        _, final = hidden_states(model, ids[:-1], [])
-        full = model.lm_head(ExitHead(30, 1.0).features(model, final[len(out.prompt_token_ids) - 1:])).argmax(-1)
-        matched += int((full == torch.tensor(out.token_ids)).sum())
-        total += len(out.token_ids)
-    assert matched / total >= calibrated - 0.03
+    assert same_prefix_agreement(default_llm.engine.model, outputs) >= calibrated - 0.03
 
 
 def test_oracle_exits_at_the_first_agreeing_head():
