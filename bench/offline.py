@@ -36,17 +36,28 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return matched / max(1, sum(len(r) for r in reference))
 
 
+def load_transformers(model_ref: str, dtype: torch.dtype):
+    """transformers' model class holding the very weights Helios loads (from a GGUF file,
+    transformers' own loader would keep some tensors quantized and run other kernels)."""
+    from transformers import AutoModelForCausalLM
+
+    from helios.loader import hf_weights
+
+    config, get = hf_weights(model_ref)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    state = {n: get(n) for n in model.state_dict() if n not in tied}
+    missing = [n for n, t in state.items() if t is None]
+    if missing:
+        raise RuntimeError(f"weights missing for transformers: {missing[:3]}")
+    model.load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=not tied)
+    return model.eval()
+
+
 def run_transformers(model_ref: str, prompt_ids: list[list[int]], max_tokens: int, batch_size: int,
                      dtype: torch.dtype, eos_ids: set[int]) -> dict:
     """Static batches with transformers generate: a batch runs until its longest answer ends."""
-    from transformers import AutoModelForCausalLM
-
-    from helios.loader import resolve_model_path
-
-    path = resolve_model_path(model_ref)
-    kwargs = {"gguf_file": path.name} if path.is_file() else {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent if path.is_file() else path, dtype=dtype,
-                                                 **kwargs).eval()
+    model = load_transformers(model_ref, dtype)
     pad = next(iter(eos_ids))
     outputs, start = [], time.perf_counter()
     for i in range(0, len(prompt_ids), batch_size):

@@ -144,6 +144,19 @@ class _GGUFFile:
         return data
 
 
+def _open_weights(path: Path, arch: ModelArch) -> Callable[[str], torch.Tensor | None]:
+    """Hugging Face tensor name -> its float tensor (None when absent), read on demand."""
+    return (_GGUFFile(path, arch) if path.is_file() else _SafetensorsFolder(path)).get
+
+
+def hf_weights(reference: str) -> tuple[object, Callable[[str], torch.Tensor | None]]:
+    """A model's Hugging Face config and its tensors by Hugging Face name, as load_model reads
+    them (GGUF dequantized, q/k rows unpermuted): lets another stack run the same weights."""
+    path = resolve_model_path(reference)
+    config, _ = _read_config_and_tokenizer(path, load_tokenizer=False)
+    return config, _open_weights(path, ModelArch.from_hf_config(config))
+
+
 def _read_config_and_tokenizer(path: Path, load_tokenizer: bool):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -207,8 +220,7 @@ def load_model(
     if not 1 <= num_layers <= arch.num_layers:
         raise ModelLoadError(f"max_layers={max_layers} is out of range: the model has {arch.num_layers} layers")
     try:
-        source = _GGUFFile(path, arch) if path.is_file() else _SafetensorsFolder(path)
-        state = _state_dict(source.get, arch, num_layers)
+        state = _state_dict(_open_weights(path, arch), arch, num_layers)
     except ModelLoadError:
         raise
     except Exception as exc:
