@@ -28,7 +28,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads, or a shipped name (smollm2-135m)")
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on GPU, and on CPUs with bf16 matmuls for GGUF/half checkpoints")
 
 
 def engine_options(args: argparse.Namespace) -> dict:

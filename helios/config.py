@@ -8,6 +8,7 @@ from helios.exits import CONFIDENCE_MEASURES, EXIT_POLICIES
 from helios.loader import DEFAULT_MODEL
 
 GiB = 1 << 30
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -15,7 +16,7 @@ class EngineConfig:
     model: str = DEFAULT_MODEL  # alias, Hugging Face folder or GGUF file
     max_layers: int | None = None  # load only layers 0..max_layers-1 (HELIOS prefix mode)
     device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; "auto": see helios.loader.auto_dtype
     kv_cache_memory: int = 1 * GiB  # bytes of K/V for the loaded layers; sets the block count
     block_size: int = 16
     max_num_seqs: int = 64
@@ -35,6 +36,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.exit_policy not in EXIT_POLICIES:
             raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {self.exit_policy!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.confidence is not None and self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         for name in ("kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -44,7 +44,7 @@ def run_ee_tune(args) -> int:
 
     started = time.monotonic()
     exits = sorted(set(args.exits))
-    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, device=args.device)
+    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, device=args.device, dtype=args.dtype)
     model = llm.engine.model
     if exits[-1] >= model.arch.num_layers:
         raise ValueError(f"exits must be below the model's {model.arch.num_layers} layers, got {exits}")
@@ -131,6 +131,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--targets", type=floats, default=[0.95, 0.98], help="agreement targets; the first is the default")
     parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     parser.add_argument("--device", default="auto", help="cuda when present")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="of the frozen model while tuning (float32: small adapter updates survive)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(default_train=[str(SHARED_DATA / f) for f in ("gpteacher_roleplay.json",
                                                                       "gpteacher_toolformer.json", "gsm8k_train.json")],

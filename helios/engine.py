@@ -57,19 +57,17 @@ class EngineStats:
     tokens_per_exit_layer: Counter = field(default_factory=Counter)
 
 
-def _resolve_device_dtype(config: EngineConfig) -> tuple[str, torch.dtype]:
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if config.dtype == "auto":
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return device, getattr(torch, config.dtype)
+def _resolve_device(config: EngineConfig) -> str:
+    return config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        device, dtype = _resolve_device_dtype(config)
-        loaded = load_model(config.model, config.max_layers, dtype=dtype, device=device)
+        device = _resolve_device(config)
+        loaded = load_model(config.model, config.max_layers, dtype=config.dtype, device=device)
         self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
+        dtype = self.model.embed_tokens.weight.dtype
         self.num_loaded_layers = self.model.num_loaded_layers
         heads, confidence = self._exit_heads(config)
         per_token = kv_bytes_per_token(self.num_loaded_layers, self.arch.num_kv_heads, self.arch.head_dim,

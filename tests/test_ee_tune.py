@@ -97,9 +97,11 @@ def test_apply_calibration_refuses_an_unmet_target():
 
 
 @pytest.mark.e2e
-def test_shipped_heads_keep_their_calibrated_agreement(default_llm):
+def test_shipped_heads_keep_their_calibrated_agreement():
     """The engine at the 0.95 target, on held-out prompts: its tokens agree with full depth
-    (on the same prefix) at least as often as calibration promised, within 0.03."""
+    (on the same prefix) at least as often as calibration promised, within 0.03. In float32,
+    the dtype the heads were calibrated in: in bfloat16, full depth alone disagrees with a
+    dense full-depth pass on ~2% of tokens (rounding), which no threshold can promise away."""
     if not (SHIPPED / "exit_heads.json").is_file():
         pytest.skip("no shipped exit heads")
     from helios.datasets import SHARED_DATA, load_prompts
@@ -108,10 +110,11 @@ def test_shipped_heads_keep_their_calibrated_agreement(default_llm):
     calibrated = report["targets"]["0.95"]["agreement"]
     path = SHARED_DATA / "self_instruct_seed_tasks.jsonl"
     prompts = load_prompts(path, 200)[-6:] if path.is_file() else ["Write a haiku about autumn."] * 3
-    early = LLM(exit_heads=str(SHIPPED), exit_policy="token", exit_target=0.95, kv_cache_memory=256 << 20)
+    early = LLM(exit_heads=str(SHIPPED), exit_policy="token", exit_target=0.95, kv_cache_memory=256 << 20,
+                dtype="float32")
     outputs = early.chat([[{"role": "user", "content": p}] for p in prompts],
                          SamplingParams(max_tokens=48, temperature=0))
-    assert same_prefix_agreement(default_llm.engine.model, outputs) >= calibrated - 0.03
+    assert same_prefix_agreement(early.engine.model, outputs) >= calibrated - 0.03
 
 
 def test_oracle_exits_at_the_first_agreeing_head():
