@@ -52,7 +52,6 @@ class ModelRunner:
         shape = (model.num_loaded_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self._gather_k = self._gather_v = self.k_cache.new_empty(0, *shape[2:])
         self.device = weight.device
         self.policy, self.confidence = policy, confidence
         # exits strictly inside the loaded prefix; the last loaded layer always exits
@@ -106,20 +105,11 @@ class ModelRunner:
         self.v_cache[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
     def _gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of whole blocks, [B, Hkv, blocks * block_size, D], in buffers reused across layers.
-
-        Reusing the buffers matters on CPU: a fresh tensor this size is a fresh mmap, and its
-        page faults cost more than the copy itself.
-        """
+        """K, V of whole blocks, [B, Hkv, blocks * block_size, D]."""
         b, n = block_tables.shape
-        flat = block_tables.flatten()
-        cache_shape = self.k_cache.shape[2:]
-        if self._gather_k.shape[0] < len(flat):
-            self._gather_k = self.k_cache.new_empty(len(flat), *cache_shape)
-            self._gather_v = self.v_cache.new_empty(len(flat), *cache_shape)
-        k = torch.index_select(self.k_cache[layer], 0, flat, out=self._gather_k[: len(flat)])
-        v = torch.index_select(self.v_cache[layer], 0, flat, out=self._gather_v[: len(flat)])
-        shape = (b, n * self.block_size, *cache_shape[1:])
+        k = self.k_cache[layer].index_select(0, block_tables.flatten())
+        v = self.v_cache[layer].index_select(0, block_tables.flatten())
+        shape = (b, n * self.block_size, *k.shape[2:])
         return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
     def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs, decode_rows: torch.Tensor | None) -> torch.Tensor:
