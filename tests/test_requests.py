@@ -1,8 +1,10 @@
 """Sampling options and bad input."""
 
+import copy
 import json
 
 import pytest
+import torch
 
 from helios import LLM, LLMEngine, EngineConfig, SamplingParams
 from helios.loader import ModelLoadError
@@ -94,3 +96,21 @@ def test_bad_engine_options():
         EngineConfig(exit_policy="sometimes")
     with pytest.raises(ValueError, match="kv_cache_memory"):
         EngineConfig(kv_cache_memory=0)
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(dtype="int8")
+
+
+def test_auto_dtype_keeps_float32_checkpoints_and_halves_the_rest(tiny_model_dir):
+    from helios.loader import auto_dtype, cpu_runs_bf16
+
+    folder, hf_model = tiny_model_dir("llama")
+    config = copy.deepcopy(hf_model.config)
+    half_if_native = torch.bfloat16 if cpu_runs_bf16() else torch.float32
+    config.dtype = "float32"
+    assert auto_dtype(config, quantized=False, device="cpu") == torch.float32
+    assert auto_dtype(config, quantized=True, device="cpu") == half_if_native  # GGUF
+    assert auto_dtype(config, quantized=False, device="cuda") == torch.bfloat16
+    config.dtype = "float16"
+    assert auto_dtype(config, quantized=False, device="cpu") == half_if_native
+    # the tiny test checkpoints are float32, so engines built on them run float32
+    assert LLM(str(folder), kv_cache_memory=1 << 20).engine.model.embed_tokens.weight.dtype == torch.float32
