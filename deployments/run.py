@@ -23,6 +23,10 @@ def start(config: ServeConfig) -> str:
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # the embedded default: a local Ray instance that lives as long as this process
+            # Ray runs its workers at nice 15, behind every ordinary process: on a small
+            # machine the engine then yields its cores to whatever runs beside it (clients,
+            # tools). At nice 0, HTTP kept 0.89 of in-process throughput instead of 0.76.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(include_dashboard=False, _metrics_export_port=config.metrics_export_port)
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     logger.info("loading %d model(s): %s", len(config.models), ", ".join(m.id for m in config.models))

@@ -5,10 +5,29 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
 from conftest import free_port
+
+
+def _niceness_under(root: int, title: bytes) -> list[int]:
+    """Niceness of the descendants of `root` whose process title contains `title` (Linux /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ... nice at index 16
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[16]), (stat.parent / "cmdline").read_bytes())
+        except (OSError, ValueError, IndexError):  # a process that just ended
+            continue
+
+    def descends(pid: int) -> bool:
+        while pid in table and pid != root:
+            pid = table[pid][0]
+        return pid == root
+
+    return [nice for pid, (_, nice, cmdline) in table.items() if title in cmdline and descends(pid)]
 
 
 def test_helios_serve_answers_and_stops_on_ctrl_c(tmp_path, tiny_chat_model_dir):
@@ -28,6 +47,8 @@ def test_helios_serve_answers_and_stops_on_ctrl_c(tmp_path, tiny_chat_model_dir)
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
                            json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        # the engine's replica runs at nice 0, not Ray's default 15 (which starves it beside any client)
+        assert _niceness_under(process.pid, b"ServeReplica:helios:LLMServer") == [0]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         assert "shutting down" in (tmp_path / "serve.log").read_text()
