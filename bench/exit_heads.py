@@ -60,7 +60,7 @@ def run(llm: LLM, prompts: list, max_tokens: int) -> dict:
 def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
     """Full depth before and after the exit runs: the machine drifts, so each ratio is to their mean."""
     llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", max_num_seqs=batch,
-              kv_cache_memory=args.kv_cache_memory)
+              kv_cache_memory=args.kv_cache_memory, dtype=args.dtype)
     heads = dict(llm.engine.runner.heads)
     configure(llm, heads, meta, "none", None)
     run(llm, prompts[:2], 8)  # warm-up
@@ -95,7 +95,8 @@ def teacher_forced(args, prompts: list, meta: dict) -> dict:
     from helios.distill import build_distill_set
     from helios.ee_tune import exit_scores, oracle, simulate
 
-    llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", kv_cache_memory=args.kv_cache_memory)
+    llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", kv_cache_memory=args.kv_cache_memory,
+              dtype=args.dtype)
     heads = sorted(llm.engine.runner.heads.values(), key=lambda h: h.layer)
     layers, depth = [h.layer for h in heads], llm.engine.arch.num_layers
     data = build_distill_set(llm, prompts, layers, args.max_tokens, progress=False)
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--targets", default=None, help="comma-separated; default: every calibrated target")
     parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
+    parser.add_argument("--dtype", default="float32", help="float32: the dtype the heads were calibrated in")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG of throughput vs agreement (needs matplotlib)")
     args = parser.parse_args()
