@@ -2,8 +2,8 @@
 
     # an endpoint that is already up (helios serve, vLLM, ...)
     python bench/serving.py --base-url http://127.0.0.1:8000 --model smollm2-135m --request-rate 4
-    # Helios over HTTP vs the in-process engine, same prompts, one run (starts and stops Ray itself)
-    python bench/serving.py --compare-in-process --num-prompts 64 --max-tokens 128 --json out.json
+    # Helios over HTTP vs the in-process engine, same prompts, 3 alternating pairs (starts and stops Ray itself)
+    python bench/serving.py --compare-in-process --repeat 3 --num-prompts 64 --max-tokens 128 --json out.json
 
 Requests are chat completions (streamed, greedy, `ignore_eos` so every request makes
 --max-tokens tokens) sent with Poisson arrivals at --request-rate (inf = all at once) and at
