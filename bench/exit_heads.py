@@ -32,9 +32,9 @@ from offline import agreement, time_decode_steps  # noqa: E402
 from helios import LLM, SamplingParams  # noqa: E402
 from helios.datasets import SHARED_DATA, load_prompts  # noqa: E402
 from helios.distill import same_prefix_agreement  # noqa: E402
-from helios.exits import apply_calibration  # noqa: E402
+from helios.exits import SHIPPED_HEADS, apply_calibration  # noqa: E402
 
-SHIPPED = Path(__file__).resolve().parent.parent / "helios" / "exit_heads" / "smollm2-135m"
+SHIPPED = SHIPPED_HEADS / "smollm2-135m"
 
 
 def configure(llm: LLM, heads: dict, heads_meta: dict, policy: str, target: float | None) -> None:
@@ -47,11 +47,9 @@ def configure(llm: LLM, heads: dict, heads_meta: dict, policy: str, target: floa
 
 
 def run(llm: LLM, prompts: list, max_tokens: int) -> dict:
-    untimed = llm.engine.runner.run
     decode = time_decode_steps(llm)
     started = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
-    llm.engine.runner.run = untimed
     return {"seconds": time.perf_counter() - started, "outputs": outputs,
             "decode_tokens_per_s": decode["tokens"] / max(decode["seconds"], 1e-9),
             "mean_exit_layer": statistics.fmean(l for o in outputs for l in o.exit_layers)}

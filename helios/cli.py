@@ -7,28 +7,34 @@ import logging
 import os
 import sys
 
+from helios.config import DTYPES
+from helios.exits import CONFIDENCE_MEASURES, EXIT_POLICIES
 from helios.loader import DEFAULT_MODEL
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine options shared by commands that build an engine."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face folder or GGUF file")
     parser.add_argument("--max-layers", type=int, default=None, help="load only this many layers")
-    parser.add_argument("--exit-policy", default="none", choices=["none", "batch", "token"])
-    parser.add_argument("--exit-layers", type=_int_list, default=[], help="exit points, e.g. 6,12,18,24")
+    parser.add_argument("--exit-policy", default="none", choices=EXIT_POLICIES)
+    parser.add_argument("--exit-layers", type=int_list, default=[], help="exit points, e.g. 6,12,18,24")
     parser.add_argument("--exit-threshold", type=float, default=0.9)
-    parser.add_argument("--confidence", default=None, choices=["max_prob", "margin", "saturation", "classifier"],
+    parser.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES,
                         help="default: the exit heads' own measure, else max_prob")
     parser.add_argument("--exit-target", type=float, default=None,
                         help="token agreement the tuned heads' thresholds were calibrated for (e.g. 0.95)")
     parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads, or a shipped name (smollm2-135m)")
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bfloat16 on GPU, and on CPUs with bf16 matmuls for GGUF/half checkpoints")
 
 

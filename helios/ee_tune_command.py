@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from helios.datasets import load_prompts
 from helios.distill import DistillSet, build_distill_set
 from helios.ee_tune import TuneOptions, calibrate, exit_scores, head_agrees, kl_to_teacher, oracle, simulate, tune
@@ -81,13 +80,13 @@ def evaluate(model, raw: list[ExitHead], heads: list[ExitHead], heldout: Distill
     calibration, evaluation = _split(heldout)
     layers = [h.layer for h in heads]
     report = {"exits": {}, "targets": {}}
-    for head, raw_head in zip(heads, raw):
-        report["exits"][head.layer] = {
-            "agreement_raw": float(head_agrees(model, raw_head, evaluation).float().mean()),
-            "agreement_tuned": float(head_agrees(model, head, evaluation).float().mean()),
-        }
     cal_scores, cal_agrees = exit_scores(model, heads, calibration)
     eval_scores, eval_agrees = exit_scores(model, heads, evaluation)
+    for head, raw_head, tuned_agrees in zip(heads, raw, eval_agrees):
+        report["exits"][head.layer] = {
+            "agreement_raw": float(head_agrees(model, raw_head, evaluation).float().mean()),
+            "agreement_tuned": float(tuned_agrees.float().mean()),
+        }
     report["oracle"] = oracle(eval_agrees, layers, model.arch.num_layers)
     for target in targets:
         thresholds = calibrate(cal_scores, cal_agrees, target)
@@ -108,16 +107,12 @@ def _print_summary(report: dict, out: str) -> None:
 
 
 def add_arguments(parser) -> None:
+    from helios.cli import float_list, int_list
     from helios.datasets import SHARED_DATA
+    from helios.loader import DEFAULT_MODEL
 
-    def floats(text: str) -> list[float]:
-        return [float(x) for x in text.split(",") if x.strip()]
-
-    def ints(text: str) -> list[int]:
-        return [int(x) for x in text.split(",") if x.strip()]
-
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--exits", type=ints, default=[6, 12, 18, 24], help="exit layers, e.g. 6,12,18,24")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--exits", type=int_list, default=[6, 12, 18, 24], help="exit layers, e.g. 6,12,18,24")
     parser.add_argument("--dataset", action="append", default=None,
                         help="training prompts (repeat for several files; default: three shared sets)")
     parser.add_argument("--heldout", action="append", default=None,
@@ -128,7 +123,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens per continuation")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--targets", type=floats, default=[0.95, 0.98], help="agreement targets; the first is the default")
+    parser.add_argument("--targets", type=float_list, default=[0.95, 0.98], help="agreement targets; the first is the default")
     parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     parser.add_argument("--device", default="auto", help="cuda when present")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

@@ -1,7 +1,6 @@
 """Exit-head tuning: KL goes down, calibration meets its target, the command writes usable heads."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +8,12 @@ import torch
 from helios import LLM, SamplingParams
 from helios.distill import build_distill_set, full_depth_tokens, same_prefix_agreement
 from helios.ee_tune import TuneOptions, calibrate, exit_scores, kl_to_teacher, simulate, train_head, tune
-from helios.exits import ExitHead, ExitHeadError, apply_calibration
+from helios.exits import SHIPPED_HEADS, ExitHead, ExitHeadError, apply_calibration
 
 TRAIN = ["The capital of France is", "Once upon a time", "Helios serves models", "numbers 0123", "the quick brown fox",
          "a tiny model answered", "questions about the weather", "jumps over the lazy dog"]
 HELDOUT = ["Paris is the capital", "early-exit language models", "over the lazy fox", "a time upon once"]
-SHIPPED = Path(__file__).parent.parent / "helios" / "exit_heads" / "smollm2-135m"
+SHIPPED = SHIPPED_HEADS / "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
