@@ -204,6 +204,7 @@ def start_helios(args) -> None:
     from deployments.config import parse_config
 
     config = parse_config({"http": {"host": "127.0.0.1", "port": args.port},
+                           "ingress": {"niceness": args.niceness},
                            "models": [{"id": args.model, "source": args.source, "num_cpus": os.cpu_count(),
                                        "max_ongoing_requests": args.max_num_seqs,
                                        "stream_interval": args.stream_interval,
@@ -247,6 +248,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk (Helios server)")
+    parser.add_argument("--niceness", type=int, default=19, help="ingress.niceness of the Helios server")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args()
 

@@ -84,6 +84,9 @@ class IngressConfig(_Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.0, ge=0)
     retry_after_s: int = Field(1, ge=1)  # the Retry-After a client gets when a model's queue is full
+    # niceness of the HTTP processes (ingress replicas; Serve's proxies on the machine that runs
+    # `helios serve`): above the engine's, so they take the CPU it leaves idle (deployments/priority.py)
+    niceness: int = Field(19, ge=0, le=19)
 
 
 class ServeConfig(_Strict):

@@ -11,6 +11,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.priority import step_back
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from deployments.responses import ChoiceState, ResponseBuilder, sse_event
 
@@ -64,7 +65,8 @@ def _cancel(stream: DeploymentResponseGenerator) -> None:
 @serve.deployment
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, models: dict[str, DeploymentHandle], retry_after_s: int = 1):
+    def __init__(self, models: dict[str, DeploymentHandle], retry_after_s: int = 1, niceness: int = 19):
+        step_back(niceness=niceness)  # forwarding HTTP must not take cores from an engine beside it
         self.models = models
         self.retry_after_s = retry_after_s
         self._cards: dict[str, dict] = {}

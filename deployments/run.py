@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.app import build_app_from_config
 from deployments.config import ServeConfig
+from deployments.priority import local_processes, step_back
 
 logger = logging.getLogger("helios.serve")
 APP_NAME = "helios"
@@ -31,6 +32,8 @@ def start(config: ServeConfig) -> str:
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     logger.info("loading %d model(s): %s", len(config.models), ", ".join(m.id for m in config.models))
     serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/", blocking=False)
+    for proxy in local_processes("ray::ProxyActor"):  # the HTTP proxy steps back as the ingress does
+        step_back(proxy, config.ingress.niceness)
     return f"http://{config.http.host}:{config.http.port}"
 
 

@@ -47,8 +47,11 @@ def test_helios_serve_answers_and_stops_on_ctrl_c(tmp_path, tiny_chat_model_dir)
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
                            json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
-        # the engine's replica runs at nice 0, not Ray's default 15 (which starves it beside any client)
+        # the engine's replica runs at nice 0, not Ray's default 15 (which starves it beside any client);
+        # the HTTP processes step back to ingress.niceness (19) so they use the CPU the engine leaves idle
         assert _niceness_under(process.pid, b"ServeReplica:helios:LLMServer") == [0]
+        assert _niceness_under(process.pid, b"ServeReplica:helios:OpenAIIngress") == [19]
+        assert _niceness_under(process.pid, b"ray::ProxyActor") == [19]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         assert "shutting down" in (tmp_path / "serve.log").read_text()
