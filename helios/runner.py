@@ -32,6 +32,7 @@ class StepInputs:
     num_decode: int  # rows 0..num_decode-1 are single-token decodes
     decode_blocks: torch.Tensor  # [num_decode, max_blocks] block tables (padded with 0)
     decode_mask: torch.Tensor  # [num_decode, max_blocks * block_size] valid context
+    decode_groups: list[tuple[int, int, int]]  # (row start, row end, blocks): decode rows by context length
     prefill: list[tuple[int, int, torch.Tensor, int, int]]  # (row start, row end, blocks, ctx start, ctx len)
     sample_rows: torch.Tensor  # [S] rows that produce a token, in chunk order
     forced_exit: torch.Tensor | None  # [T] layers to run per row (replay after preemption)
@@ -66,7 +67,7 @@ class ModelRunner:
     # ---- inputs -------------------------------------------------------------------
 
     def prepare(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[StepInputs, list[Chunk]]:
-        decode = [c for c in chunks if c.is_decode]
+        decode = sorted((c for c in chunks if c.is_decode), key=lambda c: c.end)  # shortest context first
         prefill = [c for c in chunks if not c.is_decode]
         ordered = decode + prefill
         ids, positions, slots, forced = [], [], [], []
@@ -81,6 +82,7 @@ class ModelRunner:
                                      dtype=torch.long).view(len(decode), max_blocks)
         ctx_lens = torch.tensor([c.end for c in decode], dtype=torch.long)
         decode_mask = torch.arange(max_blocks * self.block_size)[None, :] < ctx_lens[:, None]
+        decode_groups = self._decode_groups([-(-c.end // self.block_size) for c in decode])
         prefill_meta, row, sample_rows = [], len(decode), list(range(len(decode)))
         for c in prefill:
             table = torch.tensor(c.seq.block_table[: -(-c.end // self.block_size)], dtype=torch.long)
@@ -94,9 +96,19 @@ class ModelRunner:
             forced_exit = torch.tensor([num_layers + 1 if f is None else f for f in forced], device=self.device)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         inputs = StepInputs(as_tensor(ids), as_tensor(positions), as_tensor(slots), len(decode),
-                            decode_blocks.to(self.device), decode_mask.to(self.device), prefill_meta,
-                            as_tensor(sample_rows), forced_exit)
+                            decode_blocks.to(self.device), decode_mask.to(self.device), decode_groups,
+                            prefill_meta, as_tensor(sample_rows), forced_exit)
         return inputs, [c for c in ordered if c.sample]
+
+    @staticmethod
+    def _decode_groups(num_blocks: list[int], min_rows: int = 16, max_groups: int = 4) -> list[tuple[int, int, int]]:
+        """Split decode rows (sorted by context) into groups of at least `min_rows`, each attending
+        over its own longest context rather than the batch's: the K/V gather is the larger part of
+        decode attention here, and with contexts of mixed length a third of it was padding."""
+        count = len(num_blocks)
+        groups = max(1, min(max_groups, count // min_rows))
+        bounds = [round(i * count / groups) for i in range(groups + 1)]
+        return [(start, end, num_blocks[end - 1]) for start, end in zip(bounds, bounds[1:]) if end > start]
 
     # ---- attention ----------------------------------------------------------------
 
@@ -107,25 +119,21 @@ class ModelRunner:
     def _gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of whole blocks, [B, Hkv, blocks * block_size, D]."""
         b, n = block_tables.shape
-        k = self.k_cache[layer].index_select(0, block_tables.flatten())
-        v = self.v_cache[layer].index_select(0, block_tables.flatten())
+        flat = block_tables.flatten()
+        k, v = self.k_cache[layer].index_select(0, flat), self.v_cache[layer].index_select(0, flat)
         shape = (b, n * self.block_size, *k.shape[2:])
         return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
     def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs, decode_rows: torch.Tensor | None) -> torch.Tensor:
         """Attention output [T, H*D]; decode rows only where `decode_rows` (None = all) say."""
+        decode = self._decode_attention(layer, q, inp, decode_rows)
+        if decode is not None and decode_rows is None and not inp.prefill:
+            return decode  # a decode-only step with every row running: no scatter into a buffer
         out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-        if inp.num_decode:
-            rows = torch.arange(inp.num_decode, device=q.device) if decode_rows is None else decode_rows
-            if len(rows):
-                k, v = self._gather(layer, inp.decode_blocks[rows])
-                mask = inp.decode_mask[rows][:, None, None, :]
-                # A kv head's query heads become its query rows: SDPA then sees no GQA and
-                # one [group x context] problem per (row, kv head), several times faster on
-                # CPU than a one-row query with enable_gqa. Query head h reads kv head h // group.
-                qg = q[rows].view(len(rows), k.shape[1], -1, q.shape[2])
-                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-                out[rows] = o.reshape(len(rows), -1)
+        if decode is not None and decode_rows is None:
+            out[:inp.num_decode] = decode
+        elif decode is not None:
+            out[decode_rows] = decode
         for start, end, table, ctx_start, ctx_len in inp.prefill:
             k, v = self._gather(layer, table[None])
             k, v = k[:, :, :ctx_len], v[:, :, :ctx_len]
@@ -138,6 +146,26 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
             out[start:end] = o[0].transpose(0, 1).reshape(end - start, -1)
         return out
+
+    def _decode_attention(self, layer: int, q: torch.Tensor, inp: StepInputs,
+                          rows: torch.Tensor | None) -> torch.Tensor | None:
+        """[R, H*D] for decode rows `rows` (None = all, by context-length group); None if there are none."""
+        if rows is not None:
+            return self._paged_decode(layer, q[rows], inp.decode_blocks[rows], inp.decode_mask[rows]) if len(rows) else None
+        span = self.block_size
+        outs = [self._paged_decode(layer, q[start:end], inp.decode_blocks[start:end, :blocks],
+                                   inp.decode_mask[start:end, :blocks * span])
+                for start, end, blocks in inp.decode_groups]
+        return None if not outs else outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _paged_decode(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One-token attention of rows q [R, H, D] over their block tables: [R, H*D]."""
+        k, v = self._gather(layer, blocks)
+        # A kv head's query heads become its query rows: SDPA then sees no GQA and one
+        # [group x context] problem per (row, kv head), several times faster on CPU than a
+        # one-row query with enable_gqa. Query head h reads kv head h // group.
+        grouped = q.view(len(q), k.shape[1], -1, q.shape[2])
+        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask[:, None, None, :]).reshape(len(q), -1)
 
     # ---- the step -----------------------------------------------------------------
 

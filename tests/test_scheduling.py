@@ -25,6 +25,19 @@ def test_output_independent_of_batch_company(tiny_model_dir, reference):
     assert [o.token_ids for o in outs] == reference
 
 
+def test_large_mixed_batch_attends_by_length_group_and_matches_one_at_a_time(tiny_model_dir):
+    from helios.runner import ModelRunner
+
+    # 48 decode rows: their attention runs in 3 groups of 16, each over its own longest context
+    assert ModelRunner._decode_groups(list(range(1, 49))) == [(0, 16, 16), (16, 32, 32), (32, 48, 48)]
+    assert ModelRunner._decode_groups([3] * 10) == [(0, 10, 3)]
+    folder, _ = tiny_model_dir("llama")
+    prompts = [[(7 * i + j) % 120 + 1 for j in range(1 + (i * 37) % 90)] for i in range(48)]
+    one_at_a_time = LLM(str(folder), kv_cache_memory=4 << 20, max_num_seqs=1).generate(prompts, GREEDY)
+    batched = LLM(str(folder), kv_cache_memory=4 << 20, max_num_seqs=48, block_size=4).generate(prompts, GREEDY)
+    assert [o.token_ids for o in batched] == [o.token_ids for o in one_at_a_time]
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 16, 64])
 def test_output_independent_of_block_size(tiny_model_dir, reference, block_size):
     folder, _ = tiny_model_dir("llama")
