@@ -149,13 +149,14 @@ class ModelRunner:
 
     def _decode_attention(self, layer: int, q: torch.Tensor, inp: StepInputs,
                           rows: torch.Tensor | None) -> torch.Tensor | None:
-        """[R, H*D] for decode rows `rows` (None = all, by context-length group); None if there are none."""
-        if rows is not None:
-            return self._paged_decode(layer, q[rows], inp.decode_blocks[rows], inp.decode_mask[rows]) if len(rows) else None
-        span = self.block_size
-        outs = [self._paged_decode(layer, q[start:end], inp.decode_blocks[start:end, :blocks],
-                                   inp.decode_mask[start:end, :blocks * span])
-                for start, end, blocks in inp.decode_groups]
+        """[R, H*D] for the decode rows `rows` (ascending; None = all), group by context-length
+        group, each over its own longest context; None if there are no such rows."""
+        span, outs = self.block_size, []
+        for start, end, blocks in inp.decode_groups:
+            picked = slice(start, end) if rows is None else rows[(rows >= start) & (rows < end)]
+            if rows is None or len(picked):  # slices for all rows: views, not index copies
+                outs.append(self._paged_decode(layer, q[picked], inp.decode_blocks[picked, :blocks],
+                                               inp.decode_mask[picked, :blocks * span]))
         return None if not outs else outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _paged_decode(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,18 @@ def test_kv_fill_equals_slow_reference(tiny_model_dir, policy):
     assert_matches_reference(hf, PROMPTS, outs, tables)
 
 
+def test_kv_fill_with_rows_in_several_attention_groups(tiny_model_dir):
+    """36 decode rows of mixed context attend in 2 length groups; under `token` each layer's
+    running rows are a subset of both groups."""
+    folder, hf = tiny_model_dir("llama")
+    prompts = [[(5 * i + j) % 120 + 1 for j in range(2 + (i * 11) % 30)] for i in range(36)]
+    engine = LLMEngine(EngineConfig(model=str(folder), kv_cache_memory=1 << 20, exit_policy="token", block_size=4,
+                                    exit_layers=[1, 2, 3], exit_profile={1: 0.3, 2: 0.3, 3: 0.2, 4: 0.2}))
+    outs, tables = run_all(engine, prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert len({layer for o in outs for layer in o.exit_layers}) == 4
+    assert_matches_reference(hf, prompts, outs, tables)
+
+
 def assert_matches_reference(hf, prompts, outs, tables):
     """Tokens and every cached K/V equal the slow reference under the recorded exits."""
     for prompt, out, (k, v) in zip(prompts, outs, tables):
