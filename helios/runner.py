@@ -1,6 +1,7 @@
 """One engine step on the model: paged attention, early exits and KV fill.
 
-Rows of a step are laid out as [decode rows | prefill chunk rows]. The batch runs layer
+Rows of a step are laid out as [decode rows, shortest context first | prefill chunk rows];
+decode rows attend in groups of similar context length. The batch runs layer
 by layer. At an exit point the exit head scores the rows that produce a token and are
 still running; rows that exit take their token from that head and stop (``token``
 policy), or all leave together once every one of them is confident (``batch`` policy).
@@ -149,8 +150,8 @@ class ModelRunner:
 
     def _decode_attention(self, layer: int, q: torch.Tensor, inp: StepInputs,
                           rows: torch.Tensor | None) -> torch.Tensor | None:
-        """[R, H*D] for the decode rows `rows` (ascending; None = all), group by context-length
-        group, each over its own longest context; None if there are no such rows."""
+        """[R, H*D] for the decode rows `rows` (ascending; None = all), attended one length group
+        at a time, each over its own longest context; None if there are no such rows."""
         span, outs = self.block_size, []
         for start, end, blocks in inp.decode_groups:
             picked = slice(start, end) if rows is None else rows[(rows >= start) & (rows < end)]
