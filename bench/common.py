@@ -1,4 +1,4 @@
-"""What every benchmark reports beside its figures: the machine it ran on."""
+"""What every benchmark shares: the machine it ran on, and the median of alternated runs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import os
 import platform
 
 import torch
+
+
+def median_run(runs: list, key):
+    """The run whose `key` is the median (the upper one of an even count): a real run, not a mix."""
+    return sorted(runs, key=key)[len(runs) // 2]
 
 
 def machine() -> dict:

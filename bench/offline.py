@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helios import LLM, SamplingParams  # noqa: E402
 from helios.datasets import load_prompts  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, median_run  # noqa: E402
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -141,7 +141,7 @@ def bench_real(args, prompt_ids, eos_ids, dtype_name) -> list[dict]:
         pairs.append((tokens_per_s(full) / tokens_per_s(hf), hf, full))
     del hf_model, full_llm
     gc.collect()
-    ratio, hf, full = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
+    ratio, hf, full = median_run(pairs, key=lambda pair: pair[0])
     base_tps = tokens_per_s(hf)
     rows = [summarize(hf, full["tokens"], base_tps), summarize(full, full["tokens"], base_tps)]
     rows[1]["ratio_runs"] = [pair[0] for pair in pairs]
@@ -170,10 +170,9 @@ def bench_synthetic(args, prompt_ids, dtype_name) -> list[dict]:
         del llms
         gc.collect()
         for policy in ("batch", "token"):
-            measured = sorted((synthetic_row(batch, policy, depth, r["none"], r[policy]) for r in rounds),
-                              key=lambda row: row["realized_speedup"])
-            row = measured[len(measured) // 2]
-            row["realized_speedup_runs"] = [m["realized_speedup"] for m in measured]
+            measured = [synthetic_row(batch, policy, depth, r["none"], r[policy]) for r in rounds]
+            row = median_run(measured, key=lambda row: row["realized_speedup"])
+            row["realized_speedup_runs"] = sorted(m["realized_speedup"] for m in measured)
             rows.append(row)
     return rows
 
@@ -187,8 +186,7 @@ def synthetic_row(batch: int, policy: str, depth: int, full: dict, run: dict) ->
             "full_decode_tokens_per_s": full["decode_tokens_per_s"],
             "exit_decode_tokens_per_s": run["decode_tokens_per_s"],
             "realized_speedup": realized, "ideal_speedup_layers": ideal, "realized_over_ideal": realized / ideal,
-            "end_to_end_speedup": (full["seconds"] / sum(map(len, full["tokens"])))
-            / (run["seconds"] / sum(map(len, run["tokens"])))}
+            "end_to_end_speedup": tokens_per_s(run) / tokens_per_s(full)}
 
 
 def main() -> None:

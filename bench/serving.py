@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from common import machine, median_run  # noqa: E402
 from helios.datasets import load_prompts  # noqa: E402
 
 
@@ -264,7 +264,7 @@ def main() -> None:
               "max_concurrency": args.max_concurrency, "slo_ms": slo, "results": {}}
     if args.compare_in_process:
         pairs = [compare_once(args, prompts, slo) for _ in range(args.repeat)]
-        ratio, http, local = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
+        ratio, http, local = median_run(pairs, key=lambda pair: pair[0])
         report["results"] = {"helios-http": http, "helios-in-process": local}
         report["http_over_in_process"] = ratio
         report["ratio_runs"] = [pair[0] for pair in pairs]

@@ -83,10 +83,10 @@ class ModelRunner:
                                      dtype=torch.long).view(len(decode), max_blocks)
         ctx_lens = torch.tensor([c.end for c in decode], dtype=torch.long)
         decode_mask = torch.arange(max_blocks * self.block_size)[None, :] < ctx_lens[:, None]
-        decode_groups = self._decode_groups([-(-c.end // self.block_size) for c in decode])
+        decode_groups = self._decode_groups([blocks.blocks_for(c.end) for c in decode])
         prefill_meta, row, sample_rows = [], len(decode), list(range(len(decode)))
         for c in prefill:
-            table = torch.tensor(c.seq.block_table[: -(-c.end // self.block_size)], dtype=torch.long)
+            table = torch.tensor(c.seq.block_table[: blocks.blocks_for(c.end)], dtype=torch.long)
             prefill_meta.append((row, row + c.end - c.start, table.to(self.device), c.start, c.end))
             row += c.end - c.start
             if c.sample:
