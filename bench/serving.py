@@ -208,6 +208,7 @@ def start_helios(args) -> None:
                            "models": [{"id": args.model, "source": args.source, "num_cpus": os.cpu_count(),
                                        "max_ongoing_requests": args.max_num_seqs,
                                        "stream_interval": args.stream_interval,
+                                       "stream_chunks_per_step": args.stream_chunks_per_step,
                                        "engine": {"kv_cache_memory": args.kv_cache_memory,
                                                   "max_num_seqs": args.max_num_seqs}}]})
     args.base_url = run.start(config)
@@ -248,6 +249,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk (Helios server)")
+    parser.add_argument("--stream-chunks-per-step", type=int, default=8,
+                        help="stream_chunks_per_step of the Helios server (0: chunks never grow under load)")
     parser.add_argument("--niceness", type=int, default=19, help="ingress.niceness of the Helios server")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args()

@@ -62,6 +62,9 @@ class ModelConfig(_Strict):
     # tokens per streamed chunk after the first: each chunk costs serialization and hops between
     # processes, so a larger interval leaves more CPU to the engine (vLLM's --stream-interval)
     stream_interval: int = Field(1, ge=1)
+    # under load, chunks grow so that a replica sends about this many per engine step in all
+    # (ceil(running / this) tokens each, never fewer than stream_interval); 0 = off
+    stream_chunks_per_step: int = Field(8, ge=0)
 
     @model_validator(mode="before")
     @classmethod

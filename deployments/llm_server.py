@@ -15,6 +15,18 @@ from helios.sampling_params import SamplingParams
 from telemetry.metrics import ServingMetrics
 
 
+def tokens_per_chunk(stream_interval: int, running: int, chunks_per_step: int) -> int:
+    """Tokens a streamed chunk waits for: `stream_interval`, raised while many requests run so
+    that the replica sends about `chunks_per_step` chunks per engine step in all (0: never raised).
+
+    Every chunk costs serialization and two process hops on the way to the client, paid on the
+    CPU the engine runs on; bounding chunks per step bounds that cost at any load.
+    """
+    if chunks_per_step <= 0:
+        return stream_interval
+    return max(stream_interval, -(-running // chunks_per_step))
+
+
 @serve.deployment
 class LLMServer:
     def __init__(self, model: ModelConfig):
@@ -49,11 +61,13 @@ class LLMServer:
             await stream.aclose()
 
     async def _chunked(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """The first output at once (TTFT), then outputs merged to `stream_interval` tokens."""
+        """The first output at once (TTFT), then outputs merged to `tokens_per_chunk` tokens."""
         pending, sent_first = None, False
+        scheduler = self.engine.engine.scheduler  # read from the event loop: a length is safe to take
         async for out in stream:
             pending = out if pending is None else pending.followed_by(out)
-            if out.finished or not sent_first or len(pending.new_token_ids) >= self.stream_interval:
+            wanted = tokens_per_chunk(self.stream_interval, len(scheduler.running), self.model.stream_chunks_per_step)
+            if out.finished or not sent_first or len(pending.new_token_ids) >= wanted:
                 yield pending
                 pending, sent_first = None, True
 

@@ -67,7 +67,7 @@ def free_port() -> int:
 def served(tiny_chat_model_dir):
     """One real Ray Serve instance on 127.0.0.1 for every serving test (start-up costs seconds).
 
-    Models: `tiny` (llama) and `tiny-qwen` (qwen2, streams 3 tokens per chunk), `tiny-busy` (one request at a time, one
+    Models: `tiny` (llama; about one streamed chunk per step in all) and `tiny-qwen` (qwen2, streams 3 tokens per chunk), `tiny-busy` (one request at a time, one
     queued: for the queue-full test), and the default model as `smollm2` when installed.
     """
     import ray
@@ -79,7 +79,7 @@ def served(tiny_chat_model_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 500})
     tiny = {"num_cpus": 0, "engine": {"kv_cache_memory": "16MiB"}}
-    models = [{"id": "tiny", "source": str(tiny_chat_model_dir("llama")), **tiny},
+    models = [{"id": "tiny", "source": str(tiny_chat_model_dir("llama")), "stream_chunks_per_step": 1, **tiny},
               {"id": "tiny-qwen", "source": str(tiny_chat_model_dir("qwen2")), "stream_interval": 3, **tiny},
               {"id": "tiny-busy", "source": str(tiny_chat_model_dir("llama")), "max_ongoing_requests": 1,
                "max_queued_requests": 1, **tiny}]

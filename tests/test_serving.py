@@ -88,6 +88,30 @@ def test_stream_interval_sends_tokens_in_chunks(client, local_llm):
     assert "".join(c.choices[0].text for c in chunks) == expected.text
 
 
+def test_chunks_grow_while_many_requests_run(client):
+    """`tiny` sends about one chunk per engine step in all (stream_chunks_per_step: 1): while four
+    choices run, a chunk waits for four tokens. (The choices join the engine one by one, so the
+    first chunks may be smaller: the test counts chunks rather than checking each.)"""
+    chunks = client.completions.create(model="tiny", prompt="Hello", n=4, max_tokens=25, temperature=0, stream=True,
+                                       extra_body={"return_exit_layers": True, "ignore_eos": True})
+    sizes = {index: [] for index in range(4)}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            sizes[choice.index].append(len(choice.model_extra["exit_layers"]))
+    assert all(sum(per_choice) == 25 for per_choice in sizes.values()), sizes
+    assert sum(len(per_choice) for per_choice in sizes.values()) <= 4 * 25 / 2, sizes  # one per token: 100
+
+
+def test_tokens_per_chunk_rule():
+    from deployments.llm_server import tokens_per_chunk
+
+    assert tokens_per_chunk(1, running=64, chunks_per_step=16) == 4
+    assert tokens_per_chunk(1, running=65, chunks_per_step=16) == 5
+    assert tokens_per_chunk(1, running=5, chunks_per_step=16) == 1  # light load: every token at once
+    assert tokens_per_chunk(8, running=64, chunks_per_step=16) == 8  # never below stream_interval
+    assert tokens_per_chunk(1, running=64, chunks_per_step=0) == 1  # off
+
+
 def test_n_seed_stop_and_prompt_lists(client, local_llm):
     many = client.completions.create(model="tiny", prompt=["Hello there", "Once upon"], n=2, max_tokens=6,
                                      temperature=1.0, seed=7)
