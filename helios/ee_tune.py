@@ -113,9 +113,11 @@ def head_agrees(model: DecoderModel, head: ExitHead, data: DistillSet, batch_siz
     return torch.cat(hits)
 
 
-def train_classifier(model: DecoderModel, head: ExitHead, data: DistillSet, options: TuneOptions) -> None:
-    """A linear probe on the normed state predicting agreement; stored on `head`."""
-    labels = head_agrees(model, head, data).float()
+def train_classifier(model: DecoderModel, head: ExitHead, data: DistillSet, options: TuneOptions,
+                     labels: torch.Tensor | None = None) -> None:
+    """A linear probe on the normed state predicting agreement (of `head`, unless `labels` gives
+    it per row); stored on `head`."""
+    labels = (head_agrees(model, head, data) if labels is None else labels).float()
     features = rms_norm(data.hidden[head.layer], head.norm.float().cpu(), model.arch.rms_norm_eps)
     weight = torch.zeros(features.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
