@@ -101,8 +101,10 @@ def measure_form(model: DecoderModel, form: str, exits: list[int], train: Distil
             head = train_mlp_head(model, layer, source, train, args.epochs, args.mlp_lr)
             agrees = [mlp_agrees(head, layer, part) for part in (train, calibration, evaluation)]
         scores = probe_scores(model, layer, agrees[0], train, [calibration, evaluation])
-        agree_cal.append(agrees[1]), agree_eval.append(agrees[2])
-        score_cal.append(scores[0]), score_eval.append(scores[1])
+        agree_cal.append(agrees[1])
+        agree_eval.append(agrees[2])
+        score_cal.append(scores[0])
+        score_eval.append(scores[1])
         print(f"{form} exit {layer}: agreement {agrees[0].float().mean():.3f} on training rows, "
               f"{agrees[2].float().mean():.3f} held out", flush=True)
     agree_cal, agree_eval, score_cal, score_eval = map(torch.stack, (agree_cal, agree_eval, score_cal, score_eval))

@@ -63,7 +63,7 @@ class LLMServer:
     async def _chunked(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """The first output at once (TTFT), then outputs merged to `tokens_per_chunk` tokens."""
         pending, sent_first = None, False
-        scheduler = self.engine.engine.scheduler  # read from the event loop: a length is safe to take
+        scheduler = self.engine.engine.scheduler  # the engine thread changes it; taking a length is safe
         async for out in stream:
             pending = out if pending is None else pending.followed_by(out)
             wanted = tokens_per_chunk(self.stream_interval, len(scheduler.running), self.model.stream_chunks_per_step)

@@ -67,8 +67,9 @@ def free_port() -> int:
 def served(tiny_chat_model_dir):
     """One real Ray Serve instance on 127.0.0.1 for every serving test (start-up costs seconds).
 
-    Models: `tiny` (llama; about one streamed chunk per step in all) and `tiny-qwen` (qwen2, streams 3 tokens per chunk), `tiny-busy` (one request at a time, one
-    queued: for the queue-full test), and the default model as `smollm2` when installed.
+    Models: `tiny` (llama; about one streamed chunk per engine step in all), `tiny-qwen` (qwen2,
+    streams 3 tokens per chunk), `tiny-busy` (one request at a time, one queued: for the
+    queue-full test), and the default model as `smollm2` when installed.
     """
     import ray
 
