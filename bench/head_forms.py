@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from helios import LLM
 from helios.datasets import SHARED_DATA
 from helios.distill import DistillSet, build_distill_set
-from helios.ee_tune import (TuneOptions, calibrate, head_agrees, oracle, simulate, teacher_log_probs, train_classifier,
-                            train_head)
+from helios.ee_tune import TuneOptions, calibrate, fit_kl, head_agrees, oracle, simulate, train_classifier, train_head
 from helios.ee_tune_command import _prompts, _split
 from helios.exits import ExitHead
 from helios.model import DecoderModel, rms_norm
@@ -53,22 +52,11 @@ class MLPHead(torch.nn.Module):
         return F.linear(rms_norm(out, self.norm, eps), self.model.lm_head.weight.detach().float())
 
 
-def train_mlp_head(model: DecoderModel, layer: int, source_layer: int, data: DistillSet, epochs: int, lr: float,
-                   batch_size: int = 256) -> MLPHead:
+def train_mlp_head(model: DecoderModel, layer: int, source_layer: int, data: DistillSet, epochs: int,
+                   lr: float) -> MLPHead:
     head = MLPHead(model, source_layer)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(layer)
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), batch_size):
-            rows = order[start:start + batch_size]
-            with torch.no_grad():
-                teacher = teacher_log_probs(model, data.final[rows])
-            student = F.log_softmax(head.logits(data.hidden[layer][rows]), dim=-1)
-            loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_kl(model, head.logits, list(head.parameters()), data.hidden[layer], data, TuneOptions(epochs=epochs, lr=lr),
+           torch.Generator().manual_seed(layer))
     return head
 
 

@@ -33,7 +33,6 @@ class LLMServer:
         # Ray sets OMP_NUM_THREADS from the replica's CPUs; make torch follow it explicitly
         torch.set_num_threads(max(1, int(model.num_cpus)))
         self.model = model
-        self.stream_interval = model.stream_interval
         engine = LLMEngine(model.engine_config())
         self.metrics = ServingMetrics(model.id, model.source, engine.num_loaded_layers, engine.arch.num_layers,
                                       model.engine.exit_policy)
@@ -66,7 +65,8 @@ class LLMServer:
         scheduler = self.engine.engine.scheduler  # the engine thread changes it; taking a length is safe
         async for out in stream:
             pending = out if pending is None else pending.followed_by(out)
-            wanted = tokens_per_chunk(self.stream_interval, len(scheduler.running), self.model.stream_chunks_per_step)
+            wanted = tokens_per_chunk(self.model.stream_interval, len(scheduler.running),
+                                      self.model.stream_chunks_per_step)
             if out.finished or not sent_first or len(pending.new_token_ids) >= wanted:
                 yield pending
                 pending, sent_first = None, True

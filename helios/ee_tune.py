@@ -84,22 +84,30 @@ def train_head(model: DecoderModel, layer: int, data: DistillSet, options: TuneO
     down = (torch.randn(options.rank, hidden_size, generator=generator) / hidden_size ** 0.5).to(device)
     down.requires_grad_(True)
     up = torch.zeros(hidden_size, options.rank, device=device, requires_grad=True)
-    optimizer = torch.optim.AdamW([norm, down, up], lr=options.lr, weight_decay=0.0)
-    states = data.hidden[layer]
+    fit_kl(model, lambda hidden: head_logits(model, norm, down, up, hidden), [norm, down, up], data.hidden[layer],
+           data, options, generator, progress)
+    return ExitHead(layer, threshold=1.0, norm=norm.detach(), adapter_down=down.detach(), adapter_up=up.detach())
+
+
+def fit_kl(model: DecoderModel, student_logits, params: list, states: torch.Tensor, data: DistillSet,
+           options: TuneOptions, generator: torch.Generator, progress=None) -> None:
+    """Train `params` so that `student_logits(exit states)` matches the final layer's distribution
+    (KL, AdamW, `options.epochs` passes in `generator`'s order)."""
+    device = model.lm_head.weight.device
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     for epoch in range(options.epochs):
         order = torch.randperm(len(data), generator=generator)
         for start in range(0, len(data), options.batch_size):
             rows = order[start:start + options.batch_size]
             with torch.no_grad():
                 teacher = teacher_log_probs(model, data.final[rows].to(device))
-            student = F.log_softmax(head_logits(model, norm, down, up, states[rows].to(device)), dim=-1)
+            student = F.log_softmax(student_logits(states[rows].to(device)), dim=-1)
             loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if progress is not None:
                 progress(len(rows))
-    return ExitHead(layer, threshold=1.0, norm=norm.detach(), adapter_down=down.detach(), adapter_up=up.detach())
 
 
 def head_agrees(model: DecoderModel, head: ExitHead, data: DistillSet, batch_size: int = 1024) -> torch.Tensor:

@@ -131,10 +131,8 @@ class ModelRunner:
         if decode is not None and decode_rows is None and not inp.prefill:
             return decode  # a decode-only step with every row running: no scatter into a buffer
         out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-        if decode is not None and decode_rows is None:
-            out[:inp.num_decode] = decode
-        elif decode is not None:
-            out[decode_rows] = decode
+        if decode is not None:
+            out[slice(0, inp.num_decode) if decode_rows is None else decode_rows] = decode
         for start, end, table, ctx_start, ctx_len in inp.prefill:
             k, v = self._gather(layer, table[None])
             k, v = k[:, :, :ctx_len], v[:, :, :ctx_len]
