@@ -190,3 +190,45 @@ def test_only_serving_metrics_are_recorded_by_a_replica(serving_metrics):
     serving = {m.name for m in METRICS if m.source == SERVING}
     assert serving <= recorded, serving - recorded
     assert spec("helios_length_prediction_error_tokens").name in recorded
+
+
+# ---- dashboards (telemetry/dashboards.py) ----------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).parents[1]
+
+
+def test_committed_dashboards_are_current():
+    from telemetry.dashboards import DASHBOARDS, file_name, render
+
+    folder = REPO / "k8s" / "dashboards"
+    assert sorted(p.name for p in folder.glob("*.json")) == sorted(file_name(d) for d in DASHBOARDS)
+    for dashboard in DASHBOARDS:
+        assert (folder / file_name(dashboard)).read_text() == render(dashboard), \
+            "stale: run python -m telemetry.dashboards --out k8s/dashboards/"
+
+
+def test_every_panel_queries_defined_metrics():
+    import json
+
+    from telemetry.dashboards import DASHBOARDS, file_name, referenced_metrics
+    from telemetry.metrics import BY_NAME
+
+    for dashboard in DASHBOARDS:
+        model = json.loads((REPO / "k8s" / "dashboards" / file_name(dashboard)).read_text())
+        panels = [p for p in model["panels"] if p["type"] != "row"]
+        assert len({p["id"] for p in model["panels"]}) == len(model["panels"])
+        for panel in panels:
+            assert panel["targets"], panel["title"]
+            assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+            for target in panel["targets"]:
+                names = referenced_metrics(target["expr"])
+                assert names and names <= set(BY_NAME), (panel["title"], names - set(BY_NAME))
+
+
+def test_referenced_metrics_catches_unknown_names():
+    from telemetry.dashboards import referenced_metrics
+
+    assert referenced_metrics("rate(ray_helios_time_to_first_token_seconds_bucket[1m])") == \
+        {"helios_time_to_first_token_seconds"}
+    assert referenced_metrics("ray_helios_prompt_tokens_total") == {"helios_prompt_tokens_total"}
+    assert referenced_metrics("ray_helios_no_such_metric_bucket") == {"helios_no_such_metric_bucket"}
