@@ -12,14 +12,14 @@ MiB = 1 << 20
 
 def depth_profile(candidate: dict, depth: int, *, throughput: dict | None = None, latency_s: float = 1.0,
                   exits: dict | None = None, agreement: float = 1.0, reference_agreement: float | None = None,
-                  ttft_s: float = 0.05, tpot_s: float = 0.02, breach_share: float = 0.0) -> dict:
+                  ttft_s: float = 0.05, tpot_s: float = 0.02, breach_share: float = 0.0, **extra) -> dict:
     """A DepthProfile mapping consistent with `candidate`'s per-layer figures."""
     return {"weight_bytes": candidate["weight_bytes_shared"] + sum(candidate["weight_bytes_per_layer"][:depth]),
             "kv_bytes_per_token": candidate["kv_bytes_per_token_per_layer"] * depth,
             "throughput": throughput or {1: 10.0, 8: 50.0}, "ttft_s": ttft_s, "ttft_p95_s": ttft_s * 1.5,
             "tpot_s": tpot_s, "tpot_p95_s": tpot_s * 1.5, "latency_s": latency_s,
             "exit_distribution": exits or {depth: 1.0}, "breach_share": breach_share, "agreement": agreement,
-            "reference_agreement": reference_agreement}
+            "reference_agreement": reference_agreement, **extra}
 
 
 def candidate(num_layers: int = 8, layer_bytes: int = 10 * MiB, shared: int = 20 * MiB, kv_per_layer: int = 1024,

@@ -1,0 +1,27 @@
+"""What a replica memory budget holds at a depth: the prefix's weights, then KV blocks.
+
+Fewer layers free weight bytes and shrink each token's K/V, so the same budget holds more
+sequences; HELIOS's larger batches come from here. The block arithmetic is the engine's
+(helios/block_manager.py: num_blocks_for_budget), restated because the controller imports no
+engine module.
+"""
+
+from __future__ import annotations
+
+from controller.repository import CandidateProfile
+
+
+def kv_cache_bytes(profile: CandidateProfile, depth: int, budget: int) -> int:
+    """Bytes left for K/V once the first `depth` layers' weights are loaded (0 when they do not fit)."""
+    return max(0, budget - profile.weight_bytes(depth))
+
+
+def blocks_held(profile: CandidateProfile, depth: int, budget: int, block_size: int = 16) -> int:
+    return kv_cache_bytes(profile, depth, budget) // (block_size * profile.kv_bytes_per_token_per_layer * depth)
+
+
+def sequences_held(profile: CandidateProfile, depth: int, budget: int, tokens_per_sequence: int,
+                   block_size: int = 16) -> int:
+    """Sequences of `tokens_per_sequence` tokens whose K/V fit at once."""
+    blocks_per_sequence = -(-tokens_per_sequence // block_size)
+    return blocks_held(profile, depth, budget, block_size) // blocks_per_sequence
