@@ -10,9 +10,11 @@ from ray import serve
 
 from deployments.config import ModelConfig
 from helios.async_engine import AsyncLLMEngine
-from helios.engine import LLMEngine, Prompt, RequestOutput
+from helios.engine import LLMEngine
+from helios.inputs import Prompt
+from helios.outputs import RequestOutput
 from helios.sampling_params import SamplingParams
-from telemetry.metrics import ServingMetrics
+from deployments.metrics import ServingMetrics
 
 
 def tokens_per_chunk(stream_interval: int, running: int, chunks_per_step: int) -> int:
@@ -46,38 +48,28 @@ class LLMServer:
         request and frees its KV blocks.
         """
         start, first_token_at = time.monotonic(), None
-        stream = self.engine.generate(prompt, params)
+        stream = self.engine.generate(prompt, params, tokens_per_output=self._tokens_per_chunk)
         try:
-            async for out in self._chunked(stream):
+            async for out in stream:
                 first_token_at = first_token_at or time.monotonic()
                 yield self._delta(out)
                 if out.finished:
                     self.metrics.observe_request(first_token_at - start, time.monotonic() - start,
-                                                 len(out.token_ids), out.finish_reason or "stop")
+                                                 out.num_output_tokens, out.finish_reason or "stop")
         except (ValueError, TypeError) as exc:  # raised by validation, before anything was queued
             yield {"error": str(exc)}
         finally:
             await stream.aclose()
 
-    async def _chunked(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """The first output at once (TTFT), then outputs merged to `tokens_per_chunk` tokens."""
-        pending, sent_first = None, False
-        scheduler = self.engine.engine.scheduler  # the engine thread changes it; taking a length is safe
-        async for out in stream:
-            pending = out if pending is None else pending.followed_by(out)
-            wanted = tokens_per_chunk(self.model.stream_interval, len(scheduler.running),
-                                      self.model.stream_chunks_per_step)
-            if out.finished or not sent_first or len(pending.new_token_ids) >= wanted:
-                yield pending
-                pending, sent_first = None, True
+    def _tokens_per_chunk(self) -> int:
+        return tokens_per_chunk(self.model.stream_interval, self.engine.num_running, self.model.stream_chunks_per_step)
 
     def _delta(self, out: RequestOutput) -> dict:
-        first_new = len(out.token_ids) - len(out.new_token_ids)
-        delta = {"text": out.new_text, "token_ids": out.new_token_ids, "exit_layers": out.exit_layers[first_new:],
+        delta = {"text": out.new_text, "token_ids": out.new_token_ids, "exit_layers": out.new_exit_layers,
                  "finished": out.finished, "finish_reason": out.finish_reason,
-                 "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids)}
-        if out.logprobs is not None:
-            delta["logprobs"] = [self._named_logprob(entry) for entry in out.logprobs[first_new:]]
+                 "prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens}
+        if out.new_logprobs is not None:
+            delta["logprobs"] = [self._named_logprob(entry) for entry in out.new_logprobs]
         return delta
 
     def _named_logprob(self, entry: dict) -> dict:

@@ -4,7 +4,8 @@ One background thread owns the engine: it applies queued adds and aborts, steps,
 each step's outputs to the event loop, then steps again at once. The event loop never
 touches the engine, and the engine never waits for the event loop: whatever the consumers
 do with an output (a Serve replica streams it to another process) overlaps the next step
-instead of adding to it.
+instead of adding to it. Prompts are tokenized on a worker thread, so a large prompt never
+holds up the event loop that streams other requests' tokens.
 """
 
 from __future__ import annotations
@@ -13,28 +14,40 @@ import asyncio
 import itertools
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from helios.config import EngineConfig
-from helios.engine import LLMEngine, Prompt, RequestOutput
+from helios.engine import LLMEngine
+from helios.inputs import Prompt
+from helios.outputs import RequestOutput
 from helios.sampling_params import SamplingParams
+from helios.stats import StepStats
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None):
         self.engine = engine
-        self.on_step = on_step  # called in the engine thread after every step and when idle (metrics)
+        # called in the engine thread with each step's record, and with an idle record when
+        # the engine runs out of work (metrics, the controller)
+        self.on_step = on_step
         self._queues: dict[str, asyncio.Queue] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("abort", id) | ("stop",)
         self._work = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="helios-inputs")  # one: tokenizers are not re-entrant
         self._ids = itertools.count()
         self._error: BaseException | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
         return cls(LLMEngine(config))
+
+    @property
+    def num_running(self) -> int:
+        """Requests running in the last step (a plain read of the engine's last record)."""
+        return self.engine.last_step.num_running
 
     # ---- the engine thread -----------------------------------------------------------
 
@@ -47,7 +60,7 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         while self._apply_commands():
             if not self.engine.has_unfinished():
-                self._notify()
+                self._notify(self.engine.idle_stats())
                 self._work.wait()
                 self._work.clear()  # commands put before the matching set() are applied next
                 continue
@@ -57,7 +70,7 @@ class AsyncLLMEngine:
                 self._loop.call_soon_threadsafe(self._fail_all, exc)
                 raise
             self._loop.call_soon_threadsafe(self._deliver, outputs)
-            self._notify()
+            self._notify(self.engine.last_step)
 
     def _apply_commands(self) -> bool:
         """Apply queued adds and aborts; False once asked to stop."""
@@ -73,9 +86,9 @@ class AsyncLLMEngine:
             else:
                 return False
 
-    def _notify(self) -> None:
+    def _notify(self, stats: StepStats) -> None:
         if self.on_step is not None:
-            self.on_step(self.engine)
+            self.on_step(stats)
 
     def _send(self, *command) -> None:
         self._commands.put(command)
@@ -97,13 +110,15 @@ class AsyncLLMEngine:
             stream.put_nowait(exc)
         self._queues.clear()
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield an output per step that changes the request; the last has finished=True.
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       tokens_per_output: Callable[[], int] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas; the last has finished=True and the whole result.
 
-        A consumer that falls behind gets what piled up merged into one output. Bad input
-        raises ValueError before anything is queued. Leaving the iteration early (a client
-        that disconnects) aborts the request and frees its KV blocks.
+        The first token comes out at once. After it, deltas are merged until they hold
+        `tokens_per_output()` tokens (default 1: every step's delta, or whatever piled up
+        while the consumer was busy). Bad input raises ValueError before anything is
+        queued. Leaving the iteration early (a client that disconnects) aborts the request
+        and frees its KV blocks.
         """
         if self._error is not None:
             raise RuntimeError("the engine failed") from self._error
@@ -111,21 +126,23 @@ class AsyncLLMEngine:
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = self.engine.make_sequence(prompt, params, request_id)  # validates; touches no engine state
+        seq = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_thread, self.engine.make_sequence, prompt, params, request_id)
         stream: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = stream
         self._send("add", seq)
-        finished = False
+        finished, pending, sent = False, None, False
         try:
             while not finished:
                 item = await stream.get()
-                while not stream.empty() and isinstance(item, RequestOutput) and not item.finished:
-                    later = stream.get_nowait()
-                    item = item.followed_by(later) if isinstance(later, RequestOutput) else later
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine failed") from item
+                pending = item if pending is None else pending.merged(item)
                 finished = item.finished
-                yield item
+                wanted = tokens_per_output() if tokens_per_output and sent else 1
+                if finished or (len(pending.new_token_ids) >= wanted and stream.empty()):
+                    yield pending
+                    pending, sent = None, True
         finally:
             if not finished:
                 await self.abort(request_id)
@@ -140,6 +157,7 @@ class AsyncLLMEngine:
             self._send("stop")
             self._thread.join()
             self._thread = None
+        self._tokenizer_thread.shutdown(wait=False)
 
     @property
     def failed(self) -> BaseException | None:

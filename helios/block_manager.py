@@ -44,11 +44,6 @@ class BlockManager:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
 
-    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Cache slot of each token position in [start, end)."""
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     @property
     def usage(self) -> float:
         return 1.0 - len(self.free_blocks) / self.num_blocks

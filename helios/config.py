@@ -1,37 +1,54 @@
-"""Engine options: the one definition, reused by the CLI and the serving config schema."""
+"""Engine options: the one definition, read by the engine, the CLI and the serving config schema.
+
+A leaf module (dataclasses and validation only, no torch), so the controller and config
+tools can import it without loading the engine. Each field's `help` (and `choices`) in its
+metadata is what `helios generate --help` shows: the CLI options are generated from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from helios.exits import CONFIDENCE_MEASURES, EXIT_POLICIES
-from helios.loader import DEFAULT_MODEL
-
 GiB = 1 << 30
+DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXIT_POLICIES = ("none", "batch", "token")
+CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation", "classifier")
+
+
+def _option(default, help: str, **extra):
+    """A field with its CLI help; `default_factory` for mutable defaults."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class EngineConfig:
-    model: str = DEFAULT_MODEL  # alias, Hugging Face folder or GGUF file
-    max_layers: int | None = None  # load only layers 0..max_layers-1 (HELIOS prefix mode)
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; "auto": see helios.loader.auto_dtype
-    kv_cache_memory: int = 1 * GiB  # bytes of K/V for the loaded layers; sets the block count
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's context, capped by the cache
-    exit_policy: str = "none"  # none | batch | token
-    exit_layers: list[int] = field(default_factory=list)  # exit points, in layers run (1-based)
-    exit_threshold: float = 0.9  # for exit points without their own (untuned heads)
-    confidence: str | None = None  # max_prob | margin | saturation | classifier; None: the heads' own, else max_prob
-    exit_heads: str | None = None  # folder with tuned heads (exit_heads.json + .safetensors)
-    exit_target: float | None = None  # agreement target to take the heads' calibrated thresholds for
+    model: str = _option(DEFAULT_MODEL, "alias, Hugging Face folder or GGUF file")
+    max_layers: int | None = _option(None, "load only layers 0..L-1 (HELIOS prefix mode; default: all)")
+    device: str = _option("auto", "cuda when available, else cpu")
+    dtype: str = _option("auto", "auto: bfloat16 on GPU, and on CPUs with bf16 matmuls for GGUF/half checkpoints",
+                         choices=DTYPES)
+    kv_cache_memory: int = _option(1 * GiB, "bytes of K/V for the loaded layers; sets the block count")
+    block_size: int = _option(16, "tokens per KV block")
+    max_num_seqs: int = _option(64, "sequences in the running batch at most")
+    max_num_batched_tokens: int = _option(2048, "tokens per step at most (decodes first, then prompt chunks)")
+    max_model_len: int | None = _option(None, "context length (default: the model's, capped by the cache)")
+    exit_policy: str = _option("none", "none (full depth), batch (leave together) or token (each row its own exit)",
+                               choices=EXIT_POLICIES)
+    exit_layers: list[int] = _option([], "exit points in layers run, e.g. 6,12,18,24")
+    exit_threshold: float = _option(0.9, "confidence threshold of exits without their own (untuned heads)")
+    confidence: str | None = _option(None, "default: the exit heads' own measure, else max_prob",
+                                     choices=CONFIDENCE_MEASURES)
+    exit_heads: str | None = _option(None, "folder of tuned exit heads, or a shipped name (smollm2-135m)")
+    exit_target: float | None = _option(None, "token agreement the tuned heads' thresholds were calibrated for "
+                                              "(e.g. 0.95)")
     # synthetic exits for benchmarks: {exit layer: probability}; checks still run, the
     # decision is drawn from this distribution instead of the confidence
-    exit_profile: dict[int, float] | None = None
-    seed: int = 0
+    exit_profile: dict[int, float] | None = _option(None, "benchmarks only: {exit layer: share} to draw exits from",
+                                                    cli=False)
+    seed: int = _option(0, "seed of the engine's own random draws (synthetic exits)", cli=False)
 
     def __post_init__(self) -> None:
         if self.exit_policy not in EXIT_POLICIES:

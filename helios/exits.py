@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from helios.config import EngineConfig
 from helios.model import DecoderModel, rms_norm
 
 FORMAT = "helios-exit-heads/1"
-CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation", "classifier")
-EXIT_POLICIES = ("none", "batch", "token")
 
 
 class ExitHeadError(ValueError):
@@ -184,3 +183,17 @@ def _head_from_entry(entry: dict, tensors: dict, model: DecoderModel) -> ExitHea
     if entry.get("classifier"):
         head.classifier_weight, head.classifier_bias = tensor("classifier.weight", (hidden,)), tensor("classifier.bias", (1,))
     return head
+
+
+def heads_for_config(config: EngineConfig, model: DecoderModel) -> tuple[list[ExitHead], str]:
+    """The exit heads an engine config asks for, and the confidence measure they are checked with."""
+    if config.exit_heads:
+        heads, meta = load_exit_heads(config.exit_heads, model)
+        if config.exit_target is not None:
+            apply_calibration(heads, meta, config.exit_target)
+        return heads, config.confidence or meta.get("confidence", "max_prob")
+    for layer in config.exit_layers:
+        if layer > model.arch.num_layers:
+            raise ValueError(f"exit layer {layer} is past the model's {model.arch.num_layers} layers")
+    heads = [ExitHead(layer, config.exit_threshold) for layer in sorted(set(config.exit_layers))]
+    return heads, config.confidence or "max_prob"

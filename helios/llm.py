@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence as Seq
 
-from helios.config import EngineConfig
-from helios.engine import LLMEngine, Prompt, RequestOutput
-from helios.loader import DEFAULT_MODEL
+from helios.config import DEFAULT_MODEL, EngineConfig
+from helios.engine import LLMEngine
+from helios.inputs import Prompt
+from helios.outputs import RequestOutput
 from helios.sampling_params import SamplingParams
 
 
@@ -31,7 +32,7 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in the order of the prompts."""
+        """Run prompts to completion; the finishing outputs (whole results) in the order of the prompts."""
         prompt_list = _as_prompt_list(prompts)
         ids = []
         try:

@@ -21,6 +21,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # also return this many top alternatives per token
     skip_special_tokens: bool = True
+    # refuse a request whose max_tokens does not fit in the context left after its prompt
+    # (the HTTP API's default, as vLLM's); False: generation stops when the context is full
+    strict_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -2,37 +2,85 @@
 
 Each step first gives every running sequence its next token (decode), then spends the
 rest of the token budget on prompt chunks (chunked prefill), so a long prompt never
-stalls decoding. When KV blocks run out the latest admitted sequence is preempted: its
-blocks are freed and it is requeued at the front, to be recomputed later; nothing is lost.
-The order and admission of waiting sequences belong to a policy object.
+stalls decoding. When KV blocks run out a running sequence is preempted: its blocks are
+freed and it is requeued at the front, to be recomputed later; nothing is lost.
+
+The scheduler owns its sequences: after the step, `update` appends the sampled tokens,
+advances the computed counts and finishes what ended. A policy object decides the order
+of the waiting queue, admission, and which sequence a preemption takes.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterator, Protocol
 
 from helios.block_manager import BlockManager
 from helios.sequence import Sequence, SequenceStatus
+from helios.stats import FinishedRequest
+
+
+class WaitingQueue(Protocol):
+    """The waiting sequences in the order a policy admits them."""
+
+    def push(self, seq: Sequence) -> None: ...  # a new arrival
+
+    def push_front(self, seq: Sequence) -> None: ...  # a preempted sequence: first to come back
+
+    def remove(self, seq: Sequence) -> None: ...
+
+    def __iter__(self) -> Iterator[Sequence]: ...  # admission order
+
+    def __len__(self) -> int: ...
 
 
 class SchedulingPolicy(Protocol):
-    """Orders the waiting queue and decides admission (length-aware policies plug in here)."""
+    """Admission order, admission and preemption victims (length-aware policies plug in here)."""
 
-    def order(self, waiting: Iterable[Sequence]) -> list[Sequence]: ...
+    def new_queue(self) -> WaitingQueue: ...
 
     def can_admit(self, seq: Sequence, running: list[Sequence]) -> bool: ...
 
+    def preemption_victim(self, candidates: list[Sequence]) -> Sequence: ...
+
+
+class FCFSQueue:
+    """Arrival order; removing the head (the common case) is O(1)."""
+
+    def __init__(self) -> None:
+        self._items: deque[Sequence] = deque()
+
+    def push(self, seq: Sequence) -> None:
+        self._items.append(seq)
+
+    def push_front(self, seq: Sequence) -> None:
+        self._items.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if self._items and self._items[0] is seq:
+            self._items.popleft()
+        else:
+            self._items.remove(seq)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
 
 class FCFSPolicy:
-    """First come, first served; admit whenever resources allow."""
+    """First come, first served; admit whenever resources allow; preempt the latest admitted."""
 
-    def order(self, waiting: Iterable[Sequence]) -> list[Sequence]:
-        return list(waiting)
+    def new_queue(self) -> FCFSQueue:
+        return FCFSQueue()
 
     def can_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
         return True
+
+    def preemption_victim(self, candidates: list[Sequence]) -> Sequence:
+        return candidates[-1]  # candidates come in admission order
 
 
 @dataclass
@@ -62,26 +110,35 @@ class SchedulerOutput:
         return not self.chunks
 
 
+@dataclass
+class SampledToken:
+    """What a step made for one sequence; `finish_reason` set when that token ends it."""
+
+    seq: Sequence
+    token: int
+    exit_layer: int
+    logprob: dict | None
+    finish_reason: str | None
+
+
 class Scheduler:
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        policy: SchedulingPolicy | None = None,
-    ):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: SchedulingPolicy | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy or FCFSPolicy()
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: WaitingQueue = self.policy.new_queue()
         self.running: list[Sequence] = []
+        self.finished: list[FinishedRequest] = []  # ended since the last `take_finished`
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(len(self.waiting) or self.running)
+
+    # ---- before the step ------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -97,10 +154,11 @@ class Scheduler:
             seq = queue.pop(0)
             end = seq.num_computed_tokens + min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq, end):
-                victim = queue.pop() if queue else seq  # latest admitted goes first
+                victim = self.policy.preemption_victim([seq] + queue)
                 self._preempt(victim, out)
                 if victim is seq:
                     break
+                queue.remove(victim)
             else:
                 self.blocks.grow(seq, end)
                 out.chunks.append(Chunk(seq, seq.num_computed_tokens, end))
@@ -108,7 +166,8 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        for seq in self.policy.order(self.waiting):
+        admitted = []
+        for seq in self.waiting:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if not self.policy.can_admit(seq, self.running):
@@ -117,11 +176,13 @@ class Scheduler:
             if not self.blocks.can_grow(seq, end):
                 break
             self.blocks.grow(seq, end)
-            self.waiting.remove(seq)
+            admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(Chunk(seq, seq.num_computed_tokens, end))
             budget -= end - seq.num_computed_tokens
+        for seq in admitted:  # after the loop: the queue is not changed while iterated
+            self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.blocks.free(seq)
@@ -129,15 +190,41 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        self.waiting.push_front(seq)
         out.preempted.append(seq)
+
+    # ---- after the step -------------------------------------------------------------
+
+    def update(self, batch: SchedulerOutput, sampled: list[SampledToken], now: float) -> None:
+        """Apply a step's result: computed tokens advance, new tokens are appended, ended sequences finish."""
+        for chunk in batch.chunks:
+            chunk.seq.num_computed_tokens = chunk.end
+        for item in sampled:
+            seq = item.seq
+            seq.output_ids.append(item.token)
+            seq.exit_layers.append(item.exit_layer)
+            if item.logprob is not None:
+                seq.logprobs.append(item.logprob)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if item.finish_reason:
+                self.finish(seq, item.finish_reason)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence (done or aborted) and free its blocks."""
+        if seq.finished:
+            return
+        was_running = seq.status is SequenceStatus.RUNNING
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq)
-        if seq in self.running:
+        if was_running:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        else:
             self.waiting.remove(seq)
+        self.finished.append(seq.record())
+
+    def take_finished(self) -> list[FinishedRequest]:
+        """Records of the sequences that ended since the last call."""
+        finished, self.finished = self.finished, []
+        return finished

@@ -1,4 +1,4 @@
-"""One request's state inside the engine."""
+"""One request's state inside the engine. Only the scheduler changes it after it is queued."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helios.sampling_params import SamplingParams
+from helios.stats import FinishedRequest
 
 
 class SequenceStatus(enum.Enum):
@@ -17,14 +18,13 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds sequences in its queues by object
 class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    prompt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    predicted_length: int | None = None  # filled by a length predictor, read by policies
+    predicted_length: int | None = None  # output tokens a length predictor expects; read by policies
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     # exit_layers[j]: how many decoder layers ran for output token j
@@ -34,7 +34,6 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_preemptions: int = 0
     finish_reason: str | None = None
-    output_text: str = ""
     first_token_time: float | None = None
     generator: torch.Generator | None = None
 
@@ -46,9 +45,14 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Ids at positions [start, end) of prompt + output, without joining the two lists."""
+        num_prompt = len(self.prompt_ids)
+        if end <= num_prompt:
+            return self.prompt_ids[start:end]
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_ids[start:] + self.output_ids[:end - num_prompt]
 
     @property
     def finished(self) -> bool:
@@ -62,3 +66,13 @@ class Sequence:
         """
         index = position - len(self.prompt_ids) + 1
         return self.exit_layers[index] if 0 <= index < len(self.exit_layers) else None
+
+    def record(self) -> FinishedRequest:
+        """The plain record of this request once it has ended."""
+        exits = self.exit_layers
+        return FinishedRequest(
+            request_id=self.request_id, num_prompt_tokens=len(self.prompt_ids), num_output_tokens=len(self.output_ids),
+            finish_reason=self.finish_reason or "abort", arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time, finish_time=time.monotonic(),
+            predicted_length=self.predicted_length, num_preemptions=self.num_preemptions,
+            mean_exit_layer=sum(exits) / len(exits) if exits else None)

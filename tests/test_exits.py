@@ -130,7 +130,7 @@ def test_batch_policy_leaves_together(tiny_model_dir):
         engine.add_request(p, GREEDY, str(i))
     while engine.has_unfinished():
         outs = engine.step()
-        decode_layers = {o.exit_layers[-1] for o in outs if len(o.token_ids) > 1}
+        decode_layers = {o.new_exit_layers[-1] for o in outs if o.num_output_tokens > 1}
         assert len(decode_layers) <= 1  # every decode row of a step exits at one layer
 
 

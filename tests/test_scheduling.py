@@ -26,11 +26,11 @@ def test_output_independent_of_batch_company(tiny_model_dir, reference):
 
 
 def test_large_mixed_batch_attends_by_length_group_and_matches_one_at_a_time(tiny_model_dir):
-    from helios.runner import ModelRunner
+    from helios.attention import decode_groups
 
     # 48 decode rows: their attention runs in 3 groups of 16, each over its own longest context
-    assert ModelRunner._decode_groups(list(range(1, 49))) == [(0, 16, 16), (16, 32, 32), (32, 48, 48)]
-    assert ModelRunner._decode_groups([3] * 10) == [(0, 10, 3)]
+    assert decode_groups(list(range(1, 49))) == [(0, 16, 16), (16, 32, 32), (32, 48, 48)]
+    assert decode_groups([3] * 10) == [(0, 10, 3)]
     folder, _ = tiny_model_dir("llama")
     prompts = [[(7 * i + j) % 120 + 1 for j in range(1 + (i * 37) % 90)] for i in range(48)]
     one_at_a_time = LLM(str(folder), kv_cache_memory=4 << 20, max_num_seqs=1).generate(prompts, GREEDY)
