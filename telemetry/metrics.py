@@ -125,7 +125,3 @@ def series_names() -> set[str]:
         names.update(metric.series + suffix for suffix in suffixes)
     return names
 
-
-# ---- temporary: the Ray-based recorder until the engine's on_step passes StepStats -------------
-# (deployments/metrics.py replaces it; llm_server.py switches its import then and this goes)
-from telemetry._legacy_serving_metrics import ServingMetrics  # noqa: E402,F401
