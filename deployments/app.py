@@ -35,7 +35,7 @@ def build_app_from_config(config: ServeConfig) -> Application:
     return OpenAIIngress.options(
         num_replicas=ingress.replicas, ray_actor_options={"num_cpus": ingress.num_cpus},
         max_ongoing_requests=10_000,  # the ingress only forwards; the models' queues do the bounding
-    ).bind(servers, ingress.retry_after_s, ingress.niceness)
+    ).bind(servers, config)
 
 
 def build_app(args: dict | None = None) -> Application:

@@ -14,6 +14,7 @@ CLI). Unknown keys and bad values fail with the key path and the reason.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ def parse_size(value: Any) -> Any:
             raise ValueError(f"{value!r} is not a size: write bytes or e.g. 512MiB, 1GiB")
         return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
     return value
+
+
+def source_under_roots(source: str, roots: list[str]) -> bool:
+    """Whether a model source is an alias (a bare name) or a path inside one of `roots` (links resolved)."""
+    expanded = os.path.expanduser(source)
+    if not ("/" in source or "\\" in source or source.startswith((".", "~")) or os.path.exists(expanded)):
+        return True  # an alias: the catalog says where its file lives
+    real = os.path.realpath(expanded)
+    for root in roots:
+        root = os.path.realpath(os.path.expanduser(root))
+        if os.path.commonpath([real, root]) == root:
+            return True
+    return False
 
 
 class _Strict(BaseModel):
@@ -90,6 +104,36 @@ class IngressConfig(_Strict):
     # niceness of the HTTP processes (ingress replicas; Serve's proxies on the machine that runs
     # `helios serve`): above the engine's, so they take the CPU it leaves idle (deployments/priority.py)
     niceness: int = Field(19, ge=0, le=19)
+    docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json (off: they describe the API to anyone)
+    log_prompts: bool = False  # request logs carry ids, sizes and timings; prompt and output text only if on
+    # on Ctrl-C/SIGTERM of `helios serve`: new requests get 503, in-flight ones get this long to finish,
+    # then the rest end with an error (streams: an error event, then [DONE])
+    shutdown_grace_s: float = Field(5.0, ge=0, le=600)
+
+
+class LimitsConfig(_Strict):
+    """What one request may ask for; checked in the ingress before anything is parsed or allocated."""
+
+    max_body_bytes: int = Field(4 << 20, ge=1024)  # larger bodies get 413 before they are parsed
+    max_n: int = Field(16, ge=1, le=16)
+    max_top_logprobs: int = Field(20, ge=0, le=20)  # completions `logprobs`, chat `top_logprobs`
+    max_stop: int = Field(4, ge=0)  # stop strings per request (OpenAI allows 4)
+    max_stop_chars: int = Field(256, ge=1)  # characters per stop string
+    max_prompt_chars: int = Field(256 << 10, ge=1)  # characters of all prompts (or messages) together
+    max_prompt_items: int = Field(64, ge=1)  # prompts in a list, messages in a chat
+    max_tokens: int | None = Field(None, ge=1)  # a cap on max_tokens; None: only the context bounds it
+
+    @field_validator("max_body_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value)
+
+
+class AuthConfig(_Strict):
+    """Keys never sit in the config: HELIOS_API_KEYS (comma-separated) and/or a file of keys, one a line."""
+
+    api_keys_file: str | None = None
+    admin_routes: bool = False  # /admin/... (engine state per model), under HELIOS_ADMIN_KEY
 
 
 class ServeConfig(_Strict):
@@ -97,6 +141,17 @@ class ServeConfig(_Strict):
     metrics_export_port: int = Field(8080, ge=1, le=65535)  # Ray's Prometheus endpoint (`helios serve` only)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    model_roots: list[str] | None = None  # when set, model sources that are paths must lie under one of these
+
+    @model_validator(mode="after")
+    def _sources_under_roots(self) -> "ServeConfig":
+        if self.model_roots is not None:
+            for index, model in enumerate(self.models):
+                if not source_under_roots(model.source, self.model_roots):
+                    raise ValueError(f"models.{index}.source: {model.source!r} is outside model_roots {self.model_roots}")
+        return self
 
     @field_validator("models")
     @classmethod

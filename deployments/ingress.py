@@ -11,11 +11,20 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.auth import load_admin_key, load_api_keys
+from deployments.config import ServeConfig
+from deployments.guard import Guard, GuardSettings
+from deployments.limits import check_limits
 from deployments.priority import step_back
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from deployments.responses import ChoiceState, ResponseBuilder, sse_event
 
 app = FastAPI(title="Helios", description="OpenAI-compatible serving of early-exit LLMs")
+app.add_middleware(Guard)  # keys, body size and shutdown are checked before FastAPI parses a byte
+
+
+class ShuttingDown(Exception):
+    """Shutdown's grace period ended before this request did."""
 
 
 class APIError(Exception):
@@ -65,15 +74,46 @@ def _cancel(stream: DeploymentResponseGenerator) -> None:
 @serve.deployment
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, models: dict[str, DeploymentHandle], retry_after_s: int = 1, niceness: int = 19):
-        step_back(niceness=niceness)  # forwarding HTTP must not take cores from an engine beside it
+    def __init__(self, models: dict[str, DeploymentHandle], config: ServeConfig):
+        step_back(niceness=config.ingress.niceness)  # forwarding HTTP must not take cores from an engine beside it
         self.models = models
-        self.retry_after_s = retry_after_s
+        self.limits = config.limits
+        self.retry_after_s = config.ingress.retry_after_s
+        self.guard = GuardSettings(
+            max_body_bytes=config.limits.max_body_bytes, api_keys=load_api_keys(config.auth.api_keys_file),
+            admin_key=load_admin_key() if config.auth.admin_routes else None, docs=config.ingress.docs,
+            log_prompts=config.ingress.log_prompts, retry_after_s=config.ingress.retry_after_s)
+        app.state.guard = self.guard
+        self.shutdown = asyncio.Event()  # set when shutdown's grace period is over
         self._cards: dict[str, dict] = {}
 
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self):
+        if self.guard.draining:
+            return JSONResponse({"status": "shutting down", "models": sorted(self.models)}, 503)
         return {"status": "ok", "models": sorted(self.models)}
+
+    @app.get("/admin/engine", include_in_schema=False)
+    async def engine_states(self) -> dict:
+        """What each model's engine holds now (one replica per model answers); the guard checks the admin key."""
+        states = await asyncio.gather(*(handle.engine_state.remote() for handle in self.models.values()))
+        return dict(zip(self.models, states))
+
+    async def drain(self, grace_s: float) -> dict:
+        """Shutdown: refuse new requests, give in-flight ones `grace_s` to finish, then end the rest
+        with an error (streams: an error event, then [DONE]). Returns how many were cut."""
+        self.guard.draining = True
+        try:
+            await asyncio.wait_for(self.guard.idle.wait(), grace_s)
+            return {"cut": 0}
+        except asyncio.TimeoutError:
+            cut = self.guard.in_flight
+            self.shutdown.set()
+            try:  # the cut requests now answer at once; wait for their last bytes to leave
+                await asyncio.wait_for(self.guard.idle.wait(), 5)
+            except asyncio.TimeoutError:
+                pass
+            return {"cut": cut}
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
@@ -102,6 +142,7 @@ class OpenAIIngress:
             raise APIError(400, f"model {body.model!r} is not served here; GET /v1/models lists the models",
                            code="model_not_found")
         try:
+            check_limits(body, self.limits)
             params = [body.params(i) for i in range(body.n)]
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
@@ -115,10 +156,14 @@ class OpenAIIngress:
         for stream, first, state in zip(streams, firsts, states):
             state.add(first)
         try:
-            await asyncio.gather(*(self._drain(s, st) for s, st in zip(streams, states) if not st.finish_reason))
-        except asyncio.CancelledError:  # the client went away: free the engine at once
+            await self._unless_shutdown(
+                asyncio.gather(*(self._drain(s, st) for s, st in zip(streams, states) if not st.finish_reason)))
+        except (asyncio.CancelledError, ShuttingDown) as exc:  # the client went away, or shutdown: free the engine
             for stream in streams:
                 _cancel(stream)
+            if isinstance(exc, ShuttingDown):
+                raise APIError(503, "the server shut down before this request finished", "server_error",
+                               "shutting_down") from None
             raise
         response = builder.envelope([s.full() for s in states], chunk=False)
         response["usage"] = builder.usage(states, body.n)
@@ -145,6 +190,20 @@ class OpenAIIngress:
             raise failure
         raise APIError(400, failure["error"])
 
+    async def _unless_shutdown(self, work):
+        """Await `work`; raise ShuttingDown (cancelling it) if shutdown's grace period ends first."""
+        work = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.shutdown.wait())
+        try:
+            done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+        if work in done:
+            return work.result()
+        raise ShuttingDown
+
     @staticmethod
     async def _drain(stream: DeploymentResponseGenerator, state: ChoiceState) -> None:
         async for delta in stream:
@@ -170,7 +229,12 @@ class OpenAIIngress:
         open_streams = len(streams)
         try:
             while open_streams:
-                index, item = await queue.get()
+                try:
+                    index, item = await self._unless_shutdown(queue.get())
+                except ShuttingDown:
+                    yield sse_event(error_body("the server shut down before this request finished", "server_error",
+                                               "shutting_down"))
+                    break
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, Exception):
@@ -178,7 +242,7 @@ class OpenAIIngress:
                 else:
                     states[index].add(item)
                     yield sse_event(builder.envelope([states[index].chunk(item)], chunk=True))
-            if include_usage:
+            if include_usage and not self.shutdown.is_set():
                 yield sse_event({**builder.envelope([], chunk=True), "usage": builder.usage(states, n)})
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): stop every engine request
