@@ -83,3 +83,98 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="broken.gguf"):
         load_model(str(bad))
+
+
+# K-quants need rows of 256 values: a tiny qwen2 (q/k/v biases, no q/k permutation in GGUF) that wide
+KQUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=256, num_hidden_layers=4)
+# llama.cpp's Q4_K_M mix: Q6_K for attn_v, ffn_down and the output, Q4_K for the rest
+Q6_K_TENSORS = (".attn_v.weight", ".ffn_down.weight")
+
+
+def write_kquant_gguf(path, hf) -> dict:
+    """Write `hf` as a qwen2 GGUF with Q4_K/Q6_K matrices; set `hf`'s weights to the values the
+    blocks stand for; return {HF name: those values} for every quantized tensor."""
+    import gguf
+    from kquants import quantize_q4_k, quantize_q6_k
+
+    cfg = hf.config
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    gguf_names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                  "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                  "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+                  "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+                  **{f"self_attn.{x}_proj.{kind}": f"attn_{x}.{kind}" for x in "qkv" for kind in ("weight", "bias")}}
+    quantized = {}
+    for hf_name, tensor in hf.state_dict().items():
+        short = hf_name.removeprefix("model.").split(".", 2)
+        name = ("output.weight" if hf_name == "lm_head.weight" else
+                f"blk.{short[1]}.{gguf_names[short[2]]}" if short[0] == "layers" else gguf_names[".".join(short)])
+        weights = tensor.numpy()
+        if weights.ndim == 1:  # norms and biases stay float32, as in llama.cpp's files
+            writer.add_tensor(name, weights)
+            continue
+        six = name.endswith(Q6_K_TENSORS) or name == "output.weight"
+        kind = gguf.GGMLQuantizationType.Q6_K if six else gguf.GGMLQuantizationType.Q4_K
+        blocks, values = (quantize_q6_k if kind.name == "Q6_K" else quantize_q4_k)(weights)
+        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
+        quantized[hf_name] = torch.from_numpy(values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with torch.no_grad():
+        for hf_name, values in quantized.items():
+            hf.get_parameter(hf_name).copy_(values)
+    return quantized
+
+
+@pytest.fixture(scope="module")
+def kquant_gguf(tmp_path_factory):
+    from tiny_models import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("kquant")
+    hf = build_tiny_model(folder / "hf", "qwen2", **KQUANT_SHAPE)
+    quantized = write_kquant_gguf(folder / "tiny-q4_k_m.gguf", hf)
+    return folder / "tiny-q4_k_m.gguf", hf, quantized
+
+
+def test_kquant_tensors_dequantize_to_the_values_written(kquant_gguf):
+    from helios.loader import hf_weights
+
+    path, _, quantized = kquant_gguf
+    _, get = hf_weights(str(path))
+    for hf_name, values in quantized.items():
+        torch.testing.assert_close(get(hf_name), values, rtol=0, atol=0, msg=hf_name)
+
+
+def test_kquant_gguf_greedy_equals_transformers(kquant_gguf):
+    path, hf, _ = kquant_gguf
+    prompts = [[5, 6, 7, 8, 9, 10], list(range(40, 63))]
+    outs = LLM(str(path), kv_cache_memory=1 << 20, dtype="float32").generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == ref
+
+
+def test_kquant_prefix_dequantizes_only_those_layers(kquant_gguf, monkeypatch):
+    import gguf.quants
+
+    path, _, _ = kquant_gguf
+    kinds = []
+    original = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, kind: kinds.append(kind.name) or original(data, kind))
+    loaded = load_model(str(path), max_layers=2, load_tokenizer=False)
+    assert len(loaded.model.layers) == 2
+    # embeddings, 2 layers x (5 Q4_K + 2 Q6_K matrices), output; float32 norms/biases: nothing of layers 2-3
+    assert kinds.count("Q4_K") == 1 + 2 * 5 and kinds.count("Q6_K") == 2 * 2 + 1
