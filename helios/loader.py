@@ -143,6 +143,7 @@ def hf_weights(reference: str) -> tuple[object, Callable[[str], torch.Tensor | N
 
 def _read_config_and_tokenizer(path: Path, load_tokenizer: bool):
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
     folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
     if path.is_dir() and not (path / "config.json").is_file():
@@ -155,8 +156,11 @@ def _read_config_and_tokenizer(path: Path, load_tokenizer: bool):
         raise ModelLoadError(f"cannot read the model config of {path}: {exc}") from exc
     tokenizer = None
     if load_tokenizer:
+        # AutoTokenizer parses a GGUF's whole metadata again only to pick the tokenizer class (about
+        # 10 s of CPU for Qwen2's 152k-word vocabulary); the config already names the class.
+        tokenizer_class = TOKENIZER_MAPPING.get(type(config), None) if path.is_file() else None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+            tokenizer = (tokenizer_class or AutoTokenizer).from_pretrained(folder, local_files_only=True, **kwargs)
         except Exception:  # a weights-only folder is still usable with token ids
             tokenizer = None
     return config, tokenizer
