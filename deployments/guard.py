@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from deployments.auth import bearer_token, key_accepted
 from deployments.protocol import error_body
 
-logger = logging.getLogger("helios.access")
+logger = logging.getLogger("ray.serve.helios.access")  # under Serve's logger: into the replica's log
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 LOGGED_TEXT_LIMIT = 64 << 10  # with log_prompts on, at most this much of each body goes to the log
 GONE = (0, {}, {})  # _read_body's answer when the client disconnected mid-body

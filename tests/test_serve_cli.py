@@ -1,13 +1,16 @@
 """`helios serve CONFIG`: starts its own Ray, answers on 127.0.0.1, stops cleanly on Ctrl-C."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from conftest import free_port
 
@@ -30,10 +33,74 @@ def _niceness_under(root: int, title: bytes) -> list[int]:
     return [nice for pid, (_, nice, cmdline) in table.items() if title in cmdline and descends(pid)]
 
 
+def _stream_events(url: str, body: dict, into: list) -> None:
+    """Collect a streamed response's events (or the exception that ended it) into `into`."""
+    try:
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            into.append(response.status_code)
+            into.extend(line for line in response.iter_lines() if line)
+    except httpx.HTTPError as exc:
+        into.append(exc)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+
+
+def _shut_down_with_requests_in_flight(process: subprocess.Popen, url: str, log: Path) -> None:
+    """Ctrl-C with a short and two long streams in flight: the short one finishes within the grace
+    period, the long ones end with an error event and [DONE], new requests are refused, the process
+    exits and every process it started (Ray's too) is gone."""
+    children = process_tree(process.pid)
+    assert len(children) > 3  # Ray's GCS, raylet, workers...
+    short, long_a, long_b = [], [], []
+    body = {"model": "tiny", "prompt": "Hi", "stream": True, "ignore_eos": True}
+    threads = [threading.Thread(target=_stream_events, args=(url, {**body, "max_tokens": n}, into))
+               for n, into in ((40, short), (4000, long_a), (4000, long_b))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(long_a) < 3 or len(long_b) < 3:  # both long streams are generating
+        assert time.monotonic() < deadline, (long_a[:3], long_b[:3])
+        time.sleep(0.05)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    while "shutting down" not in log.read_text():
+        assert time.monotonic() - started < 10
+        time.sleep(0.05)
+    health = url.replace("/v1/completions", "/health")
+    while httpx.get(health, timeout=10).status_code != 503:  # draining: load balancers see it at once
+        assert time.monotonic() - started < 10
+        time.sleep(0.05)
+    late = httpx.post(url, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert late.headers["retry-after"] == "1"
+    assert process.wait(timeout=60) == 0
+    took = time.monotonic() - started
+    for thread in threads:
+        thread.join(timeout=10)
+    assert short[0] == 200 and short[-1] == "data: [DONE]"
+    assert json.loads(short[-2][6:])["choices"][0]["finish_reason"] == "length"
+    for events in (long_a, long_b):
+        assert events[0] == 200 and events[-1] == "data: [DONE]", events[-3:]
+        assert json.loads(events[-2][6:])["error"]["code"] == "shutting_down"
+    print(f"shutdown with 2 long streams in flight and a 2 s grace period took {took:.1f} s")
+    assert took < 2 + 20, log.read_text()
+    deadline = time.monotonic() + 10  # Ray's processes may take a moment after the driver exits
+    while (alive := [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]):
+        assert time.monotonic() < deadline, [p.cmdline()[:2] for p in alive]
+        time.sleep(0.2)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
 def test_helios_serve_answers_and_stops_on_ctrl_c(tmp_path, tiny_chat_model_dir):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = tmp_path / "serve.yaml"
-    config.write_text(f"http: {{host: 127.0.0.1, port: {port}}}\nmetrics_export_port: {free_port()}\n"
+    config.write_text(f"http: {{host: 127.0.0.1, port: {port}}}\nmetrics_export_port: {metrics_port}\n"
+                      f"ingress: {{shutdown_grace_s: 2}}\n"
                       f"models:\n  - id: tiny\n    source: {tiny_chat_model_dir('llama')}\n    num_cpus: 0\n"
                       f"    engine: {{kv_cache_memory: 16MiB}}\n")
     log = open(tmp_path / "serve.log", "w+")
@@ -52,9 +119,9 @@ def test_helios_serve_answers_and_stops_on_ctrl_c(tmp_path, tiny_chat_model_dir)
         assert _niceness_under(process.pid, b"ServeReplica:helios:LLMServer") == [0]
         assert _niceness_under(process.pid, b"ServeReplica:helios:OpenAIIngress") == [19]
         assert _niceness_under(process.pid, b"ray::ProxyActor") == [19]
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
-        assert "shutting down" in (tmp_path / "serve.log").read_text()
+        # HTTP on 127.0.0.1, so Ray's metrics endpoint listens there too, not on every interface
+        assert _listening_addresses(metrics_port) == {"127.0.0.1"}
+        _shut_down_with_requests_in_flight(process, f"http://127.0.0.1:{port}/v1/completions", tmp_path / "serve.log")
     finally:
         if process.poll() is None:
             process.kill()
