@@ -58,21 +58,21 @@ class _Strict(BaseModel):
 
 
 class HTTPConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = "127.0.0.1"  # address Serve's HTTP proxy listens on (`helios serve`; 0.0.0.0 for all)
+    port: int = Field(8000, ge=1, le=65535)  # its port
 
 
 class ModelConfig(_Strict):
-    id: str = Field(DEFAULT_MODEL, min_length=1, pattern=r"^[A-Za-z0-9._\-/:]+$")
+    id: str = Field(DEFAULT_MODEL, min_length=1, pattern=r"^[A-Za-z0-9._\-/:]+$")  # what clients send as "model"
     source: str = DEFAULT_MODEL  # alias, Hugging Face folder or GGUF file
     engine: EngineConfig = Field(default_factory=EngineConfig)  # every option but `model` (that is `source`)
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1)  # Serve replicas of this model, one engine each
     num_cpus: float = Field(1.0, ge=0)  # CPUs reserved per replica; torch uses this many threads
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # GPUs reserved per replica (on KubeRay: the GPU worker group)
     # per replica: requests in flight (running + waiting in the engine); beyond that they queue in
     # Serve's router, and beyond max_queued_requests the ingress answers 503 with Retry-After
     max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: int = Field(64, ge=0)
+    max_queued_requests: int = Field(64, ge=0)  # per replica, waiting in Serve's router
     # tokens per streamed chunk after the first: each chunk costs serialization and hops between
     # processes, so a larger interval leaves more CPU to the engine (vLLM's --stream-interval)
     stream_interval: int = Field(1, ge=1)
@@ -98,8 +98,8 @@ class ModelConfig(_Strict):
 
 
 class IngressConfig(_Strict):
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.0, ge=0)
+    replicas: int = Field(1, ge=1)  # replicas of the OpenAI ingress (it routes by `model`)
+    num_cpus: float = Field(0.0, ge=0)  # CPUs reserved per ingress replica
     retry_after_s: int = Field(1, ge=1)  # the Retry-After a client gets when a model's queue is full
     # niceness of the HTTP processes (ingress replicas; Serve's proxies on the machine that runs
     # `helios serve`): above the engine's, so they take the CPU it leaves idle (deployments/priority.py)
