@@ -30,8 +30,8 @@ from common import machine  # noqa: E402
 from offline import agreement, time_decode_steps  # noqa: E402
 
 from helios import LLM, SamplingParams  # noqa: E402
-from helios.datasets import SHARED_DATA, load_prompts  # noqa: E402
-from helios.distill import same_prefix_agreement  # noqa: E402
+from helios.tuning.datasets import SHARED_DATA, load_prompts  # noqa: E402
+from helios.tuning.distill import same_prefix_agreement  # noqa: E402
 from helios.exits import SHIPPED_HEADS, apply_calibration  # noqa: E402
 
 SHIPPED = SHIPPED_HEADS / "smollm2-135m"
@@ -90,8 +90,8 @@ def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
 def teacher_forced(args, prompts: list, meta: dict) -> dict:
     """On these prompts' full-depth continuations: what the calibrated thresholds do per token, and
     the oracle bound (each token at the first exit whose head agrees: what better confidence could win)."""
-    from helios.distill import build_distill_set
-    from helios.ee_tune import exit_scores, oracle, simulate
+    from helios.tuning.distill import build_distill_set
+    from helios.tuning.ee_tune import exit_scores, oracle, simulate
 
     llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", kv_cache_memory=args.kv_cache_memory,
               dtype=args.dtype)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from helios import LLM
-from helios.datasets import SHARED_DATA
-from helios.distill import DistillSet, build_distill_set
-from helios.ee_tune import TuneOptions, calibrate, fit_kl, head_agrees, oracle, simulate, train_classifier, train_head
-from helios.ee_tune_command import _prompts, _split
+from helios.tuning.datasets import SHARED_DATA
+from helios.tuning.distill import DistillSet, build_distill_set
+from helios.tuning.ee_tune import TuneOptions, calibrate, fit_kl, head_agrees, oracle, simulate, train_classifier, train_head
+from helios.tuning.ee_tune_command import _prompts, _split
 from helios.exits import ExitHead
 from helios.model import DecoderModel, rms_norm
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, median_run  # noqa: E402
-from helios.datasets import load_prompts  # noqa: E402
+from helios.tuning.datasets import load_prompts  # noqa: E402
 
 
 @dataclass

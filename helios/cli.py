@@ -7,48 +7,13 @@ import logging
 import os
 import sys
 
-from helios.config import DTYPES
-from helios.exits import CONFIDENCE_MEASURES, EXIT_POLICIES
-from helios.loader import DEFAULT_MODEL
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by commands that build an engine."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face folder or GGUF file")
-    parser.add_argument("--max-layers", type=int, default=None, help="load only this many layers")
-    parser.add_argument("--exit-policy", default="none", choices=EXIT_POLICIES)
-    parser.add_argument("--exit-layers", type=int_list, default=[], help="exit points, e.g. 6,12,18,24")
-    parser.add_argument("--exit-threshold", type=float, default=0.9)
-    parser.add_argument("--confidence", default=None, choices=CONFIDENCE_MEASURES,
-                        help="default: the exit heads' own measure, else max_prob")
-    parser.add_argument("--exit-target", type=float, default=None,
-                        help="token agreement the tuned heads' thresholds were calibrated for (e.g. 0.95)")
-    parser.add_argument("--exit-heads", default=None, help="folder of tuned exit heads, or a shipped name (smollm2-135m)")
-    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="auto: bfloat16 on GPU, and on CPUs with bf16 matmuls for GGUF/half checkpoints")
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    return dict(max_layers=args.max_layers, exit_policy=args.exit_policy, exit_layers=args.exit_layers,
-                exit_threshold=args.exit_threshold, confidence=args.confidence, exit_heads=args.exit_heads,
-                exit_target=args.exit_target,
-                kv_cache_memory=args.kv_cache_memory, device=args.device, dtype=args.dtype)
+from helios.cli_options import add_engine_arguments, engine_options
 
 
 def _generate(args: argparse.Namespace) -> int:
     from helios import LLM, SamplingParams
 
-    llm = LLM(args.model, **engine_options(args))
+    llm = LLM(**engine_options(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     use_chat = not args.no_chat and llm.tokenizer is not None and bool(llm.tokenizer.chat_template)
@@ -75,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ee_tune(args: argparse.Namespace) -> int:
-    from helios.ee_tune_command import run_ee_tune
+    from helios.tuning.ee_tune_command import run_ee_tune
 
     args.dataset = args.dataset or args.default_train
     args.heldout = args.heldout or args.default_heldout
@@ -98,13 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-exits", action="store_true", help="print each token's exit layer to stderr")
     gen.set_defaults(func=_generate)
     tune = commands.add_parser("ee-tune", help="train and calibrate exit heads on a frozen model")
-    from helios.ee_tune_command import add_arguments as add_tune_arguments
+    from helios.tuning.ee_tune_command import add_arguments as add_tune_arguments
 
     add_tune_arguments(tune)
     tune.set_defaults(func=_ee_tune)
     from helios.models_command import add_parser as add_models_parser
 
     add_models_parser(commands)
+    from helios.profile_command import add_arguments as add_profile_arguments
+    add_profile_arguments(commands.add_parser("profile", help="measure an SLO file's candidates: the model repository"))
     srv = commands.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
     srv.add_argument("config", nargs="?", help="YAML serving config (default: the default model on 127.0.0.1:8000)")
     srv.add_argument("--host", default=None, help="override http.host")

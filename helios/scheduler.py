@@ -154,11 +154,14 @@ class Scheduler:
             seq = queue.pop(0)
             end = seq.num_computed_tokens + min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq, end):
-                victim = self.policy.preemption_victim([seq] + queue)
+                # candidates: those scheduled this step, then this one, then the rest (FCFS takes the last)
+                victim = self.policy.preemption_victim([c.seq for c in out.chunks] + [seq] + queue)
+                budget += self._unschedule(victim, out)
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-                queue.remove(victim)
+                if victim in queue:
+                    queue.remove(victim)
             else:
                 self.blocks.grow(seq, end)
                 out.chunks.append(Chunk(seq, seq.num_computed_tokens, end))
@@ -183,6 +186,15 @@ class Scheduler:
             budget -= end - seq.num_computed_tokens
         for seq in admitted:  # after the loop: the queue is not changed while iterated
             self.waiting.remove(seq)
+
+    @staticmethod
+    def _unschedule(seq: Sequence, out: SchedulerOutput) -> int:
+        """Drop `seq`'s chunk from this step, if it has one; return the tokens it had taken."""
+        for i, chunk in enumerate(out.chunks):
+            if chunk.seq is seq:
+                del out.chunks[i]
+                return chunk.end - chunk.start
+        return 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.blocks.free(seq)

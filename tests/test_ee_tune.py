@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helios import LLM, SamplingParams
-from helios.distill import build_distill_set, full_depth_tokens, same_prefix_agreement
-from helios.ee_tune import TuneOptions, calibrate, exit_scores, kl_to_teacher, simulate, train_head, tune
+from helios.tuning.distill import build_distill_set, full_depth_tokens, same_prefix_agreement
+from helios.tuning.ee_tune import TuneOptions, calibrate, exit_scores, kl_to_teacher, simulate, train_head, tune
 from helios.exits import SHIPPED_HEADS, ExitHead, ExitHeadError, apply_calibration
 
 TRAIN = ["The capital of France is", "Once upon a time", "Helios serves models", "numbers 0123", "the quick brown fox",
@@ -103,7 +103,7 @@ def test_shipped_heads_keep_their_calibrated_agreement():
     dense full-depth pass on ~2% of tokens (rounding), which no threshold can promise away."""
     if not (SHIPPED / "exit_heads.json").is_file():
         pytest.skip("no shipped exit heads")
-    from helios.datasets import SHARED_DATA, load_prompts
+    from helios.tuning.datasets import SHARED_DATA, load_prompts
 
     report = json.loads((SHIPPED / "report.json").read_text())
     calibrated = report["targets"]["0.95"]["agreement"]
@@ -117,7 +117,7 @@ def test_shipped_heads_keep_their_calibrated_agreement():
 
 
 def test_oracle_exits_at_the_first_agreeing_head():
-    from helios.ee_tune import oracle
+    from helios.tuning.ee_tune import oracle
 
     agrees = torch.tensor([[True, False, False, True], [True, True, False, False]])
     result = oracle(agrees, [2, 4], 6)

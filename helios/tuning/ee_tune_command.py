@@ -7,9 +7,9 @@ import logging
 import time
 from pathlib import Path
 
-from helios.datasets import load_prompts
-from helios.distill import DistillSet, build_distill_set
-from helios.ee_tune import TuneOptions, calibrate, exit_scores, head_agrees, kl_to_teacher, oracle, simulate, tune
+from helios.tuning.datasets import load_prompts
+from helios.tuning.distill import DistillSet, build_distill_set
+from helios.tuning.ee_tune import TuneOptions, calibrate, exit_scores, head_agrees, kl_to_teacher, oracle, simulate, tune
 from helios.exits import ExitHead, save_exit_heads
 
 logger = logging.getLogger("helios.tune")
@@ -107,11 +107,12 @@ def _print_summary(report: dict, out: str) -> None:
 
 
 def add_arguments(parser) -> None:
-    from helios.cli import float_list, int_list
-    from helios.datasets import SHARED_DATA
-    from helios.loader import DEFAULT_MODEL
+    from helios.cli_options import add_engine_arguments, float_list, int_list
+    from helios.tuning.datasets import SHARED_DATA
 
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    # the frozen model runs in float32 by default: small adapter updates survive
+    add_engine_arguments(parser, only={"model", "kv_cache_memory", "device", "dtype"},
+                         defaults={"kv_cache_memory": 512 << 20, "dtype": "float32"})
     parser.add_argument("--exits", type=int_list, default=[6, 12, 18, 24], help="exit layers, e.g. 6,12,18,24")
     parser.add_argument("--dataset", action="append", default=None,
                         help="training prompts (repeat for several files; default: three shared sets)")
@@ -124,10 +125,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--targets", type=float_list, default=[0.95, 0.98], help="agreement targets; the first is the default")
-    parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
-    parser.add_argument("--device", default="auto", help="cuda when present")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="of the frozen model while tuning (float32: small adapter updates survive)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(default_train=[str(SHARED_DATA / f) for f in ("gpteacher_roleplay.json",
                                                                       "gpteacher_toolformer.json", "gsm8k_train.json")],

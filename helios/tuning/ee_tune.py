@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from helios.distill import DistillSet
+from helios.tuning.distill import DistillSet
 from helios.exits import ExitHead
 from helios.model import DecoderModel, rms_norm
 

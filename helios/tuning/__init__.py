@@ -1,0 +1,1 @@
+"""Offline tuning tools: self-distillation data, exit-head training and calibration, prompt sets."""
