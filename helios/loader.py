@@ -41,6 +41,15 @@ _GGUF_LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 (llama.cpp's gemma3): its ffn_norm is the pre-MLP norm, plus output and q/k norms
+_GGUF_LAYER_GEMMA3 = {
+    **_GGUF_LAYER,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
 
 
 @dataclass
@@ -104,14 +113,18 @@ class _GGUFFile:
         from gguf import GGUFReader
 
         self.reader = GGUFReader(path)
+        gguf_arch = self.reader.fields["general.architecture"].contents()
+        layer_names = _GGUF_LAYER_GEMMA3 if gguf_arch == "gemma3" else _GGUF_LAYER
         self.tensors = {}
         for tensor in self.reader.tensors:
             hf_name = _GGUF_GLOBAL.get(tensor.name)
             if hf_name is None and tensor.name.startswith("blk."):
                 _, layer, rest = tensor.name.split(".", 2)
-                hf_name = f"model.layers.{layer}.{_GGUF_LAYER.get(rest, rest)}"
+                hf_name = f"model.layers.{layer}.{layer_names.get(rest, rest)}"
             self.tensors[hf_name or tensor.name] = tensor
-        self.permuted = self.reader.fields["general.architecture"].contents() == "llama"
+        self.permuted = gguf_arch == "llama"
+        # llama.cpp stores Gemma's norms as 1 + weight (what they multiply by); transformers keeps weight
+        self.norm_shift = 1.0 if gguf_arch == "gemma3" else 0.0
         self.arch = arch
 
     def get(self, name: str) -> torch.Tensor | None:
@@ -125,6 +138,8 @@ class _GGUFFile:
             data = _unpermute(data, self.arch.num_heads)
         elif self.permuted and name.endswith("k_proj.weight"):
             data = _unpermute(data, self.arch.num_kv_heads)
+        elif self.norm_shift and name.endswith("norm.weight"):
+            data = data - self.norm_shift
         return data
 
 
@@ -175,7 +190,10 @@ def _state_dict(get: Callable[[str], torch.Tensor | None], arch: ModelArch, num_
             raise ModelLoadError(f"the weights have no tensor {name!r}")
         return tensor
 
-    state = {"embed_tokens.weight": need("model.embed_tokens.weight"), "norm": need("model.norm.weight")}
+    def norm(name: str) -> torch.Tensor:  # stored as the factor applied: Gemma's 1 + weight
+        return need(name) + arch.norm_offset if arch.norm_offset else need(name)
+
+    state = {"embed_tokens.weight": need("model.embed_tokens.weight"), "norm": norm("model.norm.weight")}
     lm_head = None if arch.tie_embeddings else get("lm_head.weight")
     if lm_head is not None:
         state["lm_head.weight"] = lm_head
@@ -186,8 +204,16 @@ def _state_dict(get: Callable[[str], torch.Tensor | None], arch: ModelArch, num_
         if arch.qkv_bias:
             state[f"layers.{i}.qkv_proj.bias"] = torch.cat([need(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
         state[f"layers.{i}.o_proj.weight"] = need(p + "self_attn.o_proj.weight")
-        state[f"layers.{i}.input_norm"] = need(p + "input_layernorm.weight")
-        state[f"layers.{i}.post_norm"] = need(p + "post_attention_layernorm.weight")
+        state[f"layers.{i}.input_norm"] = norm(p + "input_layernorm.weight")
+        if arch.output_norms:  # Gemma: post_attention_layernorm normalizes the attention output
+            state[f"layers.{i}.post_norm"] = norm(p + "pre_feedforward_layernorm.weight")
+            state[f"layers.{i}.attn_out_norm"] = norm(p + "post_attention_layernorm.weight")
+            state[f"layers.{i}.mlp_out_norm"] = norm(p + "post_feedforward_layernorm.weight")
+        else:
+            state[f"layers.{i}.post_norm"] = norm(p + "post_attention_layernorm.weight")
+        if arch.qk_norm:
+            state[f"layers.{i}.q_norm"] = norm(p + "self_attn.q_norm.weight")
+            state[f"layers.{i}.k_norm"] = norm(p + "self_attn.k_norm.weight")
         state[f"layers.{i}.gate_up_proj.weight"] = torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")])
         state[f"layers.{i}.down_proj.weight"] = need(p + "mlp.down_proj.weight")
     return state

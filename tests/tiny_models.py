@@ -6,11 +6,19 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "llama3", "qwen2", "mistral")
+ARCHS = ("llama", "llama3", "qwen2", "mistral", "gemma3")
+# Gemma 3 in small: local (sliding-window) and global layers with their own RoPE bases, a softmax
+# scale that is not head_dim ** -0.5, and a window wider than the contexts most tests use
+GEMMA3_WINDOW = 32
+GEMMA3 = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+              hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -19,7 +27,11 @@ def tiny_config(arch: str = "llama", **overrides):
         common["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 64}
+    if arch == "gemma3":
+        common.update(GEMMA3)
     common.update(overrides)
+    if arch == "gemma3":
+        return Gemma3TextConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "mistral":
@@ -38,6 +50,8 @@ def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **overrid
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.08)
+            elif arch == "gemma3":  # Gemma's norms scale by 1 + weight, which starts at zero
+                p.normal_(0, 0.3)
     model.save_pretrained(folder, safe_serialization=True)
     return model.eval()
 
