@@ -1,0 +1,85 @@
+"""Apply a decision: redeploy the public model's LLMServer with the chosen source and depth.
+
+The public model keeps its name (its Serve deployment `LLMServer:<model>`); a new candidate or
+depth is a new version of that deployment, so Serve replaces its replicas in a rolling update.
+
+Ray Serve's own default does NOT keep a replica up during that update: with
+`max_surge_percent=0` (the default in Ray 2.60, `ray/serve/_private/config.py`) it "stops old
+replicas before starting replacements", so a one-replica model would refuse requests while the
+new engine loads. The switcher therefore deploys every deployment of the app with
+`max_surge_percent=100` ("old replicas keep serving until replacements are ready"): the new
+replica starts and passes its health check, traffic moves to it, and the old one is stopped
+gracefully, finishing its in-flight requests and streams for up to `graceful_shutdown_timeout_s`.
+The surge needs room for both replicas at once (CPUs/GPUs and memory) while it lasts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from ray import serve
+from ray.serve import Application
+
+from controller.memory import kv_cache_bytes
+from controller.repository import Repository
+from controller.slo import SLOConfig
+from deployments.app import build_app_from_config
+from deployments.config import ModelConfig, ServeConfig
+
+SURGE_PERCENT = 100  # a new replica per old one, started before the old one stops
+DRAIN_TIMEOUT_S = 120.0  # how long an old replica may take to finish its requests (streams included)
+
+
+def model_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int) -> ModelConfig:
+    """The serving entry for `candidate_id` at `depth`: public name, prefix load, and the KV cache
+    the memory budget leaves after the prefix's weights."""
+    candidate = slo.candidate(candidate_id)
+    kv_bytes = kv_cache_bytes(repository.candidates[candidate_id], depth, slo.memory_budget)
+    engine = dataclasses.replace(candidate.engine, max_layers=depth, kv_cache_memory=kv_bytes)
+    fields = candidate.model_dump(exclude={"id", "depths", "engine"})
+    return ModelConfig(id=slo.model, engine=engine, **fields)
+
+
+def serve_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int) -> ServeConfig:
+    return ServeConfig(http=slo.http, ingress=slo.ingress,
+                       models=[model_config_for(slo, repository, candidate_id, depth)])
+
+
+def surge_first(app: Application, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> Application:
+    """`app` with every deployment in it (the ingress too: its config argument changes with the
+    model, so it is replaced as well) set to start a replacement before stopping a replica, and to
+    drain for `drain_timeout_s`."""
+    deployment = app._bound_deployment  # Serve keeps no public accessor for a bound deployment
+
+    def rebind(value):
+        if isinstance(value, Application):
+            return surge_first(value, drain_timeout_s)
+        if isinstance(value, dict):
+            return {key: rebind(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(rebind(item) for item in value)
+        return value
+
+    return Application(deployment.options(
+        _init_args=rebind(tuple(deployment.init_args)), _init_kwargs=rebind(dict(deployment.init_kwargs)),
+        max_surge_percent=SURGE_PERCENT, graceful_shutdown_timeout_s=drain_timeout_s))
+
+
+def deploy(config: ServeConfig, app_name: str = "helios", route_prefix: str = "/",
+           drain_timeout_s: float = DRAIN_TIMEOUT_S) -> float:
+    """Deploy or update the app; return when every replica of the new version runs (seconds taken).
+
+    serve.run waits for the application to be RUNNING, which during an update means the new
+    replicas are up; the old ones may still be draining when it returns.
+    """
+    started = time.monotonic()
+    app = surge_first(build_app_from_config(config), drain_timeout_s)
+    serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+    return time.monotonic() - started
+
+
+def switch(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int, app_name: str = "helios",
+           route_prefix: str = "/") -> float:
+    """Serve `candidate_id` at `depth` under the SLO's public model name."""
+    return deploy(serve_config_for(slo, repository, candidate_id, depth), app_name, route_prefix)
