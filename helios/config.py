@@ -13,6 +13,7 @@ GiB = 1 << 30
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXIT_POLICIES = ("none", "batch", "token")
+SCHEDULING_POLICIES = ("fcfs", "spf", "spf-reserve")
 CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation", "classifier")
 
 
@@ -48,6 +49,13 @@ class EngineConfig:
     # decision is drawn from this distribution instead of the confidence
     exit_profile: dict[int, float] | None = _option(None, "benchmarks only: {exit layer: share} to draw exits from",
                                                     cli=False)
+    length_head: str | None = _option(None, "response-length head folder, or a shipped name (smollm2-135m); "
+                                            "predicts each request's output tokens in its prefill")
+    scheduling_policy: str = _option("fcfs", "fcfs; spf (shortest predicted first, with aging); spf-reserve "
+                                             "(spf, admitting only when the predicted KV blocks fit); without a "
+                                             "length_head spf orders as fcfs", choices=SCHEDULING_POLICIES)
+    length_aging: float = _option(20.0, "spf aging: tokens of predicted length forgiven per second waited "
+                                        "(a request is overtaken only by arrivals within predicted/aging s)")
     seed: int = _option(0, "seed of the engine's own random draws (synthetic exits)", cli=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {self.exit_policy!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.confidence is not None and self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         for name in ("kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -18,7 +18,9 @@ from helios.block_manager import BlockManager, kv_bytes_per_token, num_blocks_fo
 from helios.config import EngineConfig
 from helios.exits import heads_for_config
 from helios.inputs import InputProcessor, Prompt
+from helios.length import load_length_head
 from helios.loader import load_model
+from helios.policies import make_policy
 from helios.outputs import OutputProcessor, RequestOutput
 from helios.runner import ModelRunner
 from helios.sampler import sample
@@ -64,7 +66,13 @@ class LLMEngine:
                     num_blocks, config.block_size, capacity, capacity * per_token / 2**20)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, heads, config.exit_policy,
                                   confidence, config.exit_profile, config.seed)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   make_policy(config.scheduling_policy, self.blocks, config.length_aging))
+        if config.length_head:
+            self.runner.length_head = load_length_head(config.length_head, self.arch.hidden_size, self.arch.num_layers)
+            self.runner.capture_layers = frozenset(self.runner.length_head.layers)
+        # length-tune records the first-token states here: fn(sequences, {layer: states})
+        self.length_recorder = None
         self.inputs = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer, _eos_ids(loaded.hf_config, self.tokenizer), self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
@@ -121,10 +129,15 @@ class LLMEngine:
             result = self.runner.run(inputs)
             seqs = [c.seq for c in sampled_chunks]
             tokens, logprobs = sample(result.logits, seqs)
-            for seq, token, exit_layer, logprob in zip(seqs, tokens, result.exit_layers, logprobs):
+            predicted = result.predicted_lengths
+            for i, (seq, token, exit_layer, logprob) in enumerate(zip(seqs, tokens, result.exit_layers, logprobs)):
                 out = self.outputs.process(seq, token, exit_layer, logprob)
+                if i in predicted:
+                    out.predicted_length = predicted[i]
                 outputs.append(out)
-                sampled.append(SampledToken(seq, token, exit_layer, logprob, out.finish_reason))
+                sampled.append(SampledToken(seq, token, exit_layer, logprob, out.finish_reason, predicted.get(i)))
+            if self.length_recorder is not None and result.length_states:
+                self.length_recorder([seqs[i] for i in inputs.first_rows], result.length_states)
             exit_layers, breaches = result.exit_layers, result.breaches
         self.scheduler.update(batch, sampled, time.monotonic())
         for out in outputs:

@@ -38,6 +38,8 @@ class RequestOutput:
     exit_layers: list[int] | None = None
     logprobs: list[dict] | None = None
     text: str | None = None
+    # output tokens the length head predicted: in the first output and the finishing one (None: no head)
+    predicted_length: int | None = None
 
     def merged(self, later: "RequestOutput") -> "RequestOutput":
         """This output followed by `later`, as one (for streams that send several steps at once)."""
@@ -46,7 +48,8 @@ class RequestOutput:
             self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
             self.new_exit_layers + later.new_exit_layers, logprobs, later.finished, later.finish_reason,
             later.num_prompt_tokens, later.num_output_tokens, later.num_preemptions, later.prompt_token_ids,
-            later.token_ids, later.exit_layers, later.logprobs, later.text)
+            later.token_ids, later.exit_layers, later.logprobs, later.text,
+            self.predicted_length if later.predicted_length is None else later.predicted_length)
 
 
 class IncrementalDetokenizer:
@@ -142,3 +145,4 @@ class OutputProcessor:
         if seq.params.logprobs is not None:
             out.logprobs = seq.logprobs + [logprob]
         out.text = "".join(state.pieces)
+        out.predicted_length = seq.predicted_length

@@ -12,7 +12,7 @@ rows' K/V for the skipped layers are written in the same matmul as the running r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class StepInputs:
     attention: AttentionMetadata
     sample_rows: torch.Tensor  # [S] rows that produce a token, in `sampled` order
     forced_exit: torch.Tensor | None  # [T] layers to run per row (replay after preemption)
+    first_rows: list[int] | None = None  # indices into sample_rows giving a request's first token (length head)
 
 
 @dataclass
@@ -39,6 +40,10 @@ class StepResult:
     logits: torch.Tensor  # [S, vocab] float32
     exit_layers: list[int]  # layers run per sampled row
     breaches: int  # rows that reached the last loaded layer of a prefix load unconfident
+    # length prediction: {sampled index: predicted output tokens} for the first-token rows, and
+    # the states it read ({layer: [len(first_rows), hidden]}) for the tuning tool
+    predicted_lengths: dict[int, int] = field(default_factory=dict)
+    length_states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -57,6 +62,10 @@ class ModelRunner:
         self.prefix_mode = model.num_loaded_layers < arch.num_layers
         self.exit_profile = exit_profile
         self.generator = torch.Generator().manual_seed(seed)
+        # response-length prediction (helios/length.py): the head, and the layers whose
+        # first-token states prefill keeps (the head's, or the tuning tool's); empty: off
+        self.length_head = None
+        self.capture_layers: frozenset[int] = frozenset()
 
     @property
     def k_cache(self) -> torch.Tensor:
@@ -85,9 +94,11 @@ class ModelRunner:
             last = self.model.num_loaded_layers + 1
             forced_exit = torch.tensor([last if f is None else f for f in forced], device=self.device)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        sampled = [c for c in decode + prefill if c.sample]
+        first_rows = [i for i, c in enumerate(sampled) if not c.seq.output_ids] if self.capture_layers else None
         inputs = StepInputs(as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(sample_rows),
-                            forced_exit)
-        return inputs, [c for c in decode + prefill if c.sample]
+                            forced_exit, first_rows or None)
+        return inputs, sampled
 
     def _attention_metadata(self, decode: list[Chunk], prefill: list[Chunk]) -> tuple[AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -118,6 +129,7 @@ class ModelRunner:
         exits = ExitState(model, hidden, inp.sample_rows, self.policy, self.confidence,
                           self._draw_targets(len(inp.sample_rows)))
         all_alive = True
+        states: dict[int, torch.Tensor] = {}  # length head: first-token rows' states by layer
         for index, layer in enumerate(model.layers):
             q, k, v = layer.qkv(hidden, cos, sin)  # every row: this is also the KV fill of exited rows
             self.cache.write(index, inp.slot_mapping, k, v)
@@ -128,6 +140,8 @@ class ModelRunner:
                 attn = attention(self.cache, index, q, inp.attention, rows[rows < inp.attention.num_decode])
                 hidden = hidden.index_copy(0, rows, layer.finish(hidden[rows], attn[rows]))
             ran = index + 1
+            if inp.first_rows is not None and ran in self.capture_layers:
+                states[ran] = hidden[inp.sample_rows[inp.first_rows]]
             if inp.forced_exit is not None:
                 exits.force(inp.forced_exit, ran)
                 all_alive = bool(exits.alive.all())
@@ -136,7 +150,15 @@ class ModelRunner:
                 exits.check(head, hidden)
                 all_alive = bool(exits.alive.all())
         logits, unconfident = exits.finish(self.last_head, hidden)
-        return StepResult(logits, exits.exit_layers, unconfident if self.prefix_mode else 0)
+        return StepResult(logits, exits.exit_layers, unconfident if self.prefix_mode else 0,
+                          self._predict_lengths(inp, states), states)
+
+    def _predict_lengths(self, inp: StepInputs, states: dict[int, torch.Tensor]) -> dict[int, int]:
+        """{sampled index: predicted length} from the states kept this step (a few small matmuls)."""
+        head = self.length_head
+        if head is None or inp.first_rows is None or any(layer not in states for layer in head.layers):
+            return {}
+        return dict(zip(inp.first_rows, head.predict([states[layer] for layer in head.layers])))
 
     def _draw_targets(self, num_sample: int) -> torch.Tensor | None:
         """Synthetic mode: each sampled row's exit layer, drawn from the profile."""

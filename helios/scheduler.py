@@ -119,6 +119,7 @@ class SampledToken:
     exit_layer: int
     logprob: dict | None
     finish_reason: str | None
+    predicted_length: int | None = None  # the length head's prediction, made with a request's first token
 
 
 class Scheduler:
@@ -219,6 +220,8 @@ class Scheduler:
                 seq.logprobs.append(item.logprob)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            if item.predicted_length is not None:
+                seq.predicted_length = item.predicted_length
             if item.finish_reason:
                 self.finish(seq, item.finish_reason)
 

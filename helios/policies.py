@@ -1,0 +1,127 @@
+"""Length-aware scheduling policies behind the scheduler's `SchedulingPolicy` seam.
+
+`spf` — shortest predicted first, with aging. A waiting sequence's key is
+
+    key = predicted_length - aging * arrival_time        (smaller is admitted first)
+
+with `predicted_length` from the length head (helios/length.py), made in the sequence's
+prefill. A sequence not yet prefilled has no prediction and counts as `unknown_length`
+(default 0: new work is prefilled first, which gives it its first token and its
+prediction). Sequences that were preempted come back first, as under FCFS.
+
+Starvation bound: the key depends only on the sequence itself, so the order of two
+sequences never changes while they wait. A sequence S with prediction p that arrived at
+time t is admitted before every sequence that arrives after t + (p - p_min) / aging
+(p_min = the smallest key length, 0 with the default `unknown_length`): only sequences
+that arrive within p / aging seconds after S can overtake it. With aging = 20 tokens/s
+and a 512-token cap that window is 25.6 s. aging = 0 is pure SPF (long work can starve).
+
+Preemption victim: the sequence with the longest predicted remaining work
+(predicted - generated; `max_tokens` when there is no prediction), the latest admitted on ties.
+
+`spf-reserve` — spf, and a sequence is admitted only when the KV blocks that it and every
+running sequence are predicted to need still fit: reserving from predictions avoids
+admitting work that will later be preempted for memory. A sequence without a prediction
+reserves its prompt plus `min(max_tokens, unknown_reserve)` tokens; one that outran its
+prediction reserves one more block.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+from helios.block_manager import BlockManager
+from helios.scheduler import FCFSPolicy, SchedulingPolicy
+from helios.sequence import Sequence
+
+DEFAULT_AGING = 20.0  # tokens of predicted length forgiven per second waited
+
+
+def remaining_work(seq: Sequence) -> int:
+    """Predicted output tokens still to come (max_tokens left when there is no prediction)."""
+    generated = len(seq.output_ids)
+    if seq.predicted_length is None:
+        return seq.params.max_tokens - generated
+    return max(0, seq.predicted_length - generated)
+
+
+class SPFQueue:
+    """Preempted sequences first (most recent first), then the rest by their aged key."""
+
+    def __init__(self, aging: float, unknown_length: int):
+        self.aging, self.unknown_length = aging, unknown_length
+        self._front: deque[Sequence] = deque()
+        self._rest: list[Sequence] = []
+        self._sorted = True
+
+    def key(self, seq: Sequence) -> float:
+        length = self.unknown_length if seq.predicted_length is None else seq.predicted_length
+        return length - self.aging * seq.arrival_time
+
+    def push(self, seq: Sequence) -> None:
+        self._rest.append(seq)
+        self._sorted = False
+
+    def push_front(self, seq: Sequence) -> None:
+        self._front.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self._front:
+            self._front.remove(seq)
+        else:
+            self._rest.remove(seq)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        if not self._sorted:  # stable: equal keys keep arrival order
+            self._rest.sort(key=self.key)
+            self._sorted = True
+        yield from self._front
+        yield from self._rest
+
+    def __len__(self) -> int:
+        return len(self._front) + len(self._rest)
+
+
+class SPFPolicy(FCFSPolicy):
+    def __init__(self, aging: float = DEFAULT_AGING, unknown_length: int = 0):
+        self.aging, self.unknown_length = aging, unknown_length
+
+    def new_queue(self) -> SPFQueue:
+        return SPFQueue(self.aging, self.unknown_length)
+
+    def preemption_victim(self, candidates: list[Sequence]) -> Sequence:
+        # the last of the longest: among equals, the latest admitted (FCFS's choice)
+        return max(reversed(candidates), key=remaining_work)
+
+
+class ReservingSPFPolicy(SPFPolicy):
+    def __init__(self, blocks: BlockManager, aging: float = DEFAULT_AGING, unknown_length: int = 0,
+                 unknown_reserve: int = 256):
+        super().__init__(aging, unknown_length)
+        self.blocks, self.unknown_reserve = blocks, unknown_reserve
+
+    def reserved_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` is predicted to hold at its end, beyond those it holds now."""
+        if seq.predicted_length is None:
+            total = len(seq.prompt_ids) + min(seq.params.max_tokens, self.unknown_reserve)
+        else:
+            total = len(seq.prompt_ids) + max(seq.predicted_length, len(seq.output_ids) + self.blocks.block_size)
+        return self.blocks.blocks_needed(seq, total)
+
+    def can_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
+        if not running:  # alone it may always try: a reservation larger than the cache must not starve it
+            return True
+        promised = sum(self.reserved_blocks(s) for s in running)
+        return promised + self.reserved_blocks(seq) <= len(self.blocks.free_blocks)
+
+
+def make_policy(name: str, blocks: BlockManager, aging: float = DEFAULT_AGING) -> SchedulingPolicy:
+    """The policy an EngineConfig names (fcfs | spf | spf-reserve)."""
+    if name == "fcfs":
+        return FCFSPolicy()
+    if name == "spf":
+        return SPFPolicy(aging)
+    if name == "spf-reserve":
+        return ReservingSPFPolicy(blocks, aging)
+    raise ValueError(f"unknown scheduling policy {name!r}: fcfs, spf or spf-reserve")
