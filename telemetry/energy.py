@@ -125,6 +125,31 @@ def open_meter(gpu: bool, powercap: Path = POWERCAP) -> EnergyMeter | None:
     return RaplMeter(domains) if domains else None
 
 
+class EnergyWindow:
+    """Joules a meter counts over a `with` block, for benchmarks: None where no meter exists.
+
+        with EnergyWindow(open_meter(gpu=False)) as window:
+            run_benchmark()
+        report["energy_joules"] = window.joules   # None: not measured, and said so
+    """
+
+    def __init__(self, meter: EnergyMeter | None):
+        self.meter, self.joules = meter, None
+        self._start = 0.0
+
+    def __enter__(self) -> "EnergyWindow":
+        if self.meter is not None:
+            self._start = self.meter.read_joules()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.meter is not None:
+            self.joules = self.meter.read_joules() - self._start
+
+    def per_token(self, tokens: int) -> float | None:
+        return self.joules / tokens if self.joules is not None and tokens else None
+
+
 def main() -> None:
     """`python -m telemetry.energy`: say which meters this machine exposes."""
     for label, meter in (("rapl", open_meter(gpu=False)), ("nvml", open_nvml_meter())):

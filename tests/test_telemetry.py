@@ -232,3 +232,13 @@ def test_referenced_metrics_catches_unknown_names():
         {"helios_time_to_first_token_seconds"}
     assert referenced_metrics("ray_helios_prompt_tokens_total") == {"helios_prompt_tokens_total"}
     assert referenced_metrics("ray_helios_no_such_metric_bucket") == {"helios_no_such_metric_bucket"}
+
+
+def test_energy_window_for_benchmarks():
+    meter = _FakeMeter()
+    with energy.EnergyWindow(meter) as window:
+        meter.joules += 12.0
+    assert window.joules == 12.0 and window.per_token(48) == 0.25
+    with energy.EnergyWindow(None) as absent:
+        pass
+    assert absent.joules is None and absent.per_token(48) is None  # not measured: no figure at all
