@@ -3,12 +3,13 @@
 Rows of a step are laid out as [decode rows, shortest context first | prefill chunk rows].
 Decode rows attend in groups of similar context length, each group over its own longest
 context: the K/V gather is the larger part of decode attention here, and with contexts of
-mixed length a third of it was padding.
+mixed length a third of it was padding. A sliding-window layer (Gemma 3's local layers)
+attends to the last `window` positions only, the query's own included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,18 @@ class AttentionMetadata:
     decode_mask: torch.Tensor  # [num_decode, max_blocks * block_size] valid context
     decode_groups: list[tuple[int, int, int]]  # (row start, row end, blocks): decode rows by context length
     prefill: list[PrefillChunk]
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context length of each decode row
+    _window_masks: dict = field(default_factory=dict)
+
+    def decode_mask_for(self, window: int | None) -> torch.Tensor:
+        """The decode mask of a layer that sees the last `window` positions (None: all); built once per step."""
+        if window is None:
+            return self.decode_mask
+        if window not in self._window_masks:
+            positions = torch.arange(self.decode_mask.shape[1], device=self.decode_mask.device)
+            recent = positions[None, :] >= (self.decode_ctx_lens[:, None] - window)
+            self._window_masks[window] = self.decode_mask & recent
+        return self._window_masks[window]
 
 
 def decode_groups(num_blocks: list[int], min_rows: int = 16, max_groups: int = 4) -> list[tuple[int, int, int]]:
@@ -43,42 +56,47 @@ def decode_groups(num_blocks: list[int], min_rows: int = 16, max_groups: int = 4
 
 
 def attention(cache: KVCache, layer: int, q: torch.Tensor, meta: AttentionMetadata,
-              decode_rows: torch.Tensor | None) -> torch.Tensor:
-    """Attention output [T, H*D] for q [T, H, D]; decode rows only where `decode_rows` (None = all) say."""
-    decode = _decode_attention(cache, layer, q, meta, decode_rows)
+              decode_rows: torch.Tensor | None, window: int | None = None) -> torch.Tensor:
+    """Attention output [T, H*D] for q [T, H, D]; decode rows only where `decode_rows` (None = all) say;
+    `window`: the layer attends to the last `window` positions only."""
+    decode = _decode_attention(cache, layer, q, meta, decode_rows, window)
     if decode is not None and decode_rows is None and not meta.prefill:
         return decode  # a decode-only step with every row running: no scatter into a buffer
     out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
     if decode is not None:
         out[slice(0, meta.num_decode) if decode_rows is None else decode_rows] = decode
     for chunk in meta.prefill:
-        out[chunk.start:chunk.end] = _prefill_attention(cache, layer, q[chunk.start:chunk.end], chunk)
+        out[chunk.start:chunk.end] = _prefill_attention(cache, layer, q[chunk.start:chunk.end], chunk, window)
     return out
 
 
-def _prefill_attention(cache: KVCache, layer: int, q: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+def _prefill_attention(cache: KVCache, layer: int, q: torch.Tensor, chunk: PrefillChunk,
+                       window: int | None) -> torch.Tensor:
     k, v = cache.gather(layer, chunk.blocks[None])
     k, v = k[:, :, :chunk.ctx_len], v[:, :, :chunk.ctx_len]
     qs = q.transpose(0, 1)[None]
-    if chunk.ctx_start == 0:
+    if chunk.ctx_start == 0 and (window is None or window >= chunk.ctx_len):
         o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
     else:
-        q_pos = torch.arange(chunk.ctx_start, chunk.ctx_len, device=q.device)
-        mask = torch.arange(chunk.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        q_pos = torch.arange(chunk.ctx_start, chunk.ctx_len, device=q.device)[:, None]
+        k_pos = torch.arange(chunk.ctx_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
     return o[0].transpose(0, 1).reshape(len(q), -1)
 
 
 def _decode_attention(cache: KVCache, layer: int, q: torch.Tensor, meta: AttentionMetadata,
-                      rows: torch.Tensor | None) -> torch.Tensor | None:
+                      rows: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
     """[R, H*D] for the decode rows `rows` (ascending; None = all), one length group at a time;
     None if there are no such rows."""
-    span, outs = cache.block_size, []
+    span, outs, mask = cache.block_size, [], meta.decode_mask_for(window)
     for start, end, blocks in meta.decode_groups:
         picked = slice(start, end) if rows is None else rows[(rows >= start) & (rows < end)]
         if rows is None or len(picked):  # slices for all rows: views, not index copies
             outs.append(_paged_decode(cache, layer, q[picked], meta.decode_blocks[picked, :blocks],
-                                      meta.decode_mask[picked, :blocks * span]))
+                                      mask[picked, :blocks * span]))
     return None if not outs else outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
