@@ -3,10 +3,13 @@
 The public model keeps its name (its Serve deployment `LLMServer:<model>`); a new candidate or
 depth is a new version of that deployment, so Serve replaces its replicas in a rolling update.
 
-Ray Serve's own default does NOT keep a replica up during that update: with
+Ray Serve's own default does not keep a replica up during that update: with
 `max_surge_percent=0` (the default in Ray 2.60, `ray/serve/_private/config.py`) it "stops old
-replicas before starting replacements", so a one-replica model would refuse requests while the
-new engine loads. The switcher therefore deploys every deployment of the app with
+replicas before starting replacements". Requests are not refused then (Serve's router holds
+them until a replica is up) but they wait for the whole start-up of the new engine: measured
+on two tiny models here, the slowest request during a switch took 18.9 s of a 19.5 s switch,
+against 1.1 s with surge (2 client threads, every other request streamed; zero failures either
+way; tests/test_controller_switch.py checks the bound). The switcher therefore deploys every deployment of the app with
 `max_surge_percent=100` ("old replicas keep serving until replacements are ready"): the new
 replica starts and passes its health check, traffic moves to it, and the old one is stopped
 gracefully, finishing its in-flight requests and streams for up to `graceful_shutdown_timeout_s`.
