@@ -96,6 +96,7 @@ class SLOConfig(_Strict):
     reassess_every: int = Field(150, ge=1)  # finished requests between reassessments
     breach_window: BreachWindow = Field(default_factory=BreachWindow)
     hysteresis: Hysteresis = Field(default_factory=Hysteresis)
+    # files; relative paths are taken from the SLO file's folder
     repository: str = "model-repository.json"  # written by `helios profile`
     history: str = "helios-history.jsonl"  # decisions and live profiles, appended; read on restart
     admin: AdminConfig = Field(default_factory=AdminConfig)
@@ -140,4 +141,7 @@ def load_slo(path: str | Path) -> SLOConfig:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (model, candidates, objective, ...)")
-    return parse_slo(data)
+    slo = parse_slo(data)
+    # relative files sit beside the SLO file, wherever the controller runs (a Ray worker's cwd differs)
+    files = {key: str((path.parent / getattr(slo, key)).resolve()) for key in ("repository", "history")}
+    return slo.model_copy(update=files)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from controller.slo import load_slo, parse_slo
 from deployments.config import ConfigError
@@ -27,6 +28,13 @@ def test_example_parses_with_its_documented_values():
     assert slo.memory_budget == 1 << 30
     assert (slo.breach_window.tokens, slo.breach_window.limit) == (100, 50)
     assert slo.admin.enabled is False
+    assert slo.history == str(EXAMPLE.parent / "helios-history.jsonl")  # beside the SLO file
+
+
+def test_absolute_files_stay_as_written(tmp_path):
+    (tmp_path / "slo.yaml").write_text(yaml.safe_dump(minimal(history="/var/h.jsonl", repository="r.json")))
+    slo = load_slo(tmp_path / "slo.yaml")
+    assert (slo.history, slo.repository) == ("/var/h.jsonl", str(tmp_path / "r.json"))
 
 
 def test_defaults_follow_the_paper():
