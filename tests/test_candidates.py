@@ -18,7 +18,8 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0)
 
 # (prompt, words one of which the reply must contain); chat prompts for instruct models
 CHAT_CHECKS = [([{"role": "user", "content": "What is the capital of France? Answer in one word."}], ["Paris"])]
-TEXT_CHECKS = [("The capital of France is", ["Paris"]),
+# (facts are for chat: as plain text, the 0.5B coder says Paris is the capital of the United States)
+TEXT_CHECKS = [("1, 2, 3, 4, 5,", ["6"]),
                ("def add(a, b):\n    return", ["a + b", "a+b", "b + a"])]
 
 
