@@ -34,6 +34,20 @@ def test_model_config_follows_the_decision():
     assert model_config_for(slo, TINY_REPO, "llama", 4).engine.kv_cache_memory < model.engine.kv_cache_memory
 
 
+def test_every_deployment_starts_its_replacement_first():
+    from deployments.app import build_app_from_config
+    from controller.switcher import SURGE_PERCENT, serve_config_for, surge_first
+
+    app = surge_first(build_app_from_config(serve_config_for(tiny_slo("/tmp/a", "/tmp/b", 8000), TINY_REPO,
+                                                                 "llama", 2)))
+    ingress = app._bound_deployment
+    servers = [value._bound_deployment for value in ingress.init_args[0].values()]
+    assert [s.name for s in servers] == ["LLMServer:assistant"]
+    for deployment in (ingress, *servers):
+        assert deployment._deployment_config.max_surge_percent == SURGE_PERCENT == 100
+    assert servers[0].init_args[0].engine.max_layers == 2  # the bound arguments survive the rebinding
+
+
 class Clients:
     """Threads that send requests in a loop (every other one streamed) until stopped; they count outcomes."""
 
