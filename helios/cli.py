@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tune_arguments(tune)
     tune.set_defaults(func=_ee_tune)
+    from helios.tuning.length_tune_command import add_arguments as add_length_tune_arguments
+    add_length_tune_arguments(commands.add_parser("length-tune", help="train a response-length head on the model's own answers"))
     from helios.models_command import add_parser as add_models_parser
 
     add_models_parser(commands)

@@ -2,7 +2,10 @@
 
 `spf` — shortest predicted first, with aging. A waiting sequence's key is
 
-    key = predicted_length - aging * arrival_time        (smaller is admitted first)
+    key = predicted_length - aging * waited = predicted_length + aging * arrival_time - aging * now
+
+(smaller is admitted first; `aging * now` is common to all, so the order uses
+predicted_length + aging * arrival_time)
 
 with `predicted_length` from the length head (helios/length.py), made in the sequence's
 prefill. A sequence not yet prefilled has no prediction and counts as `unknown_length`
@@ -57,7 +60,7 @@ class SPFQueue:
 
     def key(self, seq: Sequence) -> float:
         length = self.unknown_length if seq.predicted_length is None else seq.predicted_length
-        return length - self.aging * seq.arrival_time
+        return length + self.aging * seq.arrival_time
 
     def push(self, seq: Sequence) -> None:
         self._rest.append(seq)

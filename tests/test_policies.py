@@ -1,0 +1,97 @@
+"""Length-aware policies with fake sequences: SPF order, the aging bound against an adversarial
+stream of short jobs, longest-remaining preemption, and KV reservation preventing preemption."""
+
+from helios.block_manager import BlockManager
+from helios.policies import ReservingSPFPolicy, SPFPolicy, make_policy
+from helios.sampling_params import SamplingParams
+from helios.scheduler import FCFSPolicy, SampledToken, Scheduler
+from helios.sequence import Sequence
+
+
+def seq(name: str, prompt_len: int, predicted: int | None, arrival: float, max_tokens: int = 1000) -> Sequence:
+    return Sequence(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),
+                    arrival_time=arrival, predicted_length=predicted)
+
+
+def step(scheduler: Scheduler, lengths: dict[str, int]) -> list[str]:
+    """One step; every sampled sequence gets a token and stops at its true length. Returns newly admitted ids."""
+    before = set(id(s) for s in scheduler.running)
+    batch = scheduler.schedule()
+    sampled = [SampledToken(c.seq, 7, 1, None, "stop" if len(c.seq.output_ids) + 1 >= lengths[c.seq.request_id]
+                            else None) for c in batch.chunks if c.sample]
+    scheduler.update(batch, sampled, now=0.0)
+    return [c.seq.request_id for c in batch.chunks if id(c.seq) not in before]
+
+
+def test_spf_admits_shortest_predicted_first_and_fcfs_among_unknowns():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=64, policy=SPFPolicy(aging=0))
+    for s in (seq("long", 2, 50, 0.0), seq("short", 2, 3, 1.0), seq("mid", 2, 10, 2.0)):
+        scheduler.add(s)
+    assert [s.request_id for s in scheduler.waiting] == ["short", "mid", "long"]
+    fresh = SPFPolicy(aging=0).new_queue()
+    for s in (seq("a", 2, None, 0.0), seq("b", 2, None, 1.0)):
+        fresh.push(s)
+    assert [s.request_id for s in fresh] == ["a", "b"]
+
+
+def _admission_time_of_long(aging: float, steps: int = 300) -> int | None:
+    """One long job waits while a short job (predicted 1) arrives every step, forever; one slot."""
+    scheduler = Scheduler(BlockManager(256, 4), max_num_seqs=1, max_num_batched_tokens=64, policy=SPFPolicy(aging))
+    lengths = {"long": 1}
+    scheduler.add(seq("long", 2, 100, arrival=0.0))
+    for t in range(steps):
+        name = f"short{t}"
+        lengths[name] = 1
+        scheduler.add(seq(name, 2, 1, arrival=float(t + 1)))
+        if "long" in step(scheduler, lengths):
+            return t
+    return None
+
+
+def test_aging_bounds_the_wait_of_a_long_job_in_an_adversarial_stream():
+    # without aging the long job starves; with aging a it is overtaken only by the jobs arriving
+    # within (100 - 1) / a seconds after it: here a = 2 -> arrivals at t <= 49.5, i.e. 49 of them
+    assert _admission_time_of_long(aging=0.0) is None
+    admitted = _admission_time_of_long(aging=2.0)
+    assert admitted is not None and admitted <= (100 - 1) / 2.0 + 1
+    assert admitted >= 40  # SPF still ran the short ones first for a while
+
+
+def test_preemption_takes_the_longest_predicted_remaining_work():
+    policy = SPFPolicy()
+    a, b, c = seq("a", 2, 100, 0.0), seq("b", 2, 30, 0.0), seq("c", 2, None, 0.0, max_tokens=50)
+    a.output_ids = [7] * 90  # 10 left
+    assert policy.preemption_victim([a, b, c]).request_id == "c"  # 50 left: no prediction -> max_tokens
+    assert policy.preemption_victim([a, b]).request_id == "b"
+    assert policy.preemption_victim([b, seq("b2", 2, 30, 0.0)]).request_id == "b2"  # ties: the latest
+
+
+def test_reservation_prevents_preemption_in_a_memory_tight_case():
+    def run(policy):
+        blocks = BlockManager(16, 4)
+        if isinstance(policy, type):
+            policy = policy(blocks) if policy is ReservingSPFPolicy else policy()
+        scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64, policy=policy)
+        lengths = {f"j{i}": 20 for i in range(3)}
+        jobs = [seq(f"j{i}", 2, 20, float(i)) for i in range(3)]
+        for job in jobs:
+            scheduler.add(job)
+        finished = []
+        for _ in range(200):
+            if not scheduler.has_work():
+                break
+            step(scheduler, lengths)
+            finished += scheduler.take_finished()
+        return len(finished), sum(job.num_preemptions for job in jobs)
+
+    # three jobs that each end at 22 tokens (6 blocks) do not fit 16 blocks together
+    done, preemptions = run(FCFSPolicy)
+    assert done == 3 and preemptions > 0
+    assert run(ReservingSPFPolicy) == (3, 0)
+
+
+def test_make_policy_names():
+    blocks = BlockManager(4, 4)
+    assert type(make_policy("fcfs", blocks)) is FCFSPolicy
+    assert type(make_policy("spf", blocks)) is SPFPolicy
+    assert isinstance(make_policy("spf-reserve", blocks), ReservingSPFPolicy)
