@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP ingress: FastAPI on Serve, one `LLMServer` deployment per model."""
 
 import asyncio
+import re
+from dataclasses import replace
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -16,11 +18,37 @@ from deployments.config import ServeConfig
 from deployments.guard import Guard, GuardSettings
 from deployments.limits import check_limits
 from deployments.priority import step_back
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from deployments.responses import ChoiceState, ResponseBuilder, sse_event
 
 app = FastAPI(title="Helios", description="OpenAI-compatible serving of early-exit LLMs")
 app.add_middleware(Guard)  # keys, body size and shutdown are checked before FastAPI parses a byte
+
+# every status a /v1 route answers besides 200, each with OpenAI's error body (FastAPI's 422 never
+# happens: validation errors are 400s, as OpenAI's are)
+_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in [
+    (400, "invalid request: bad JSON, parameter, model or prompt"), (401, "missing or wrong API key"),
+    (404, "unknown route"), (413, "request body over limits.max_body_bytes"),
+    (503, "a model's queue is full, or the server is shutting down (Retry-After)")]}
+_GENERATION = {200: {"description": "a JSON body, or server-sent events with `stream: true`",
+                     "content": {"text/event-stream": {"schema": {  # each event: a JSON chunk, or [DONE]
+                         "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}},
+               **_ERRORS}
+
+
+def _openapi() -> dict:
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        schema["components"]["schemas"].pop("HTTPValidationError", None)
+        schema["components"]["schemas"].pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 class ShuttingDown(Exception):
@@ -53,7 +81,7 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
+    return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, headers=exc.headers)  # 405: Allow
 
 
 async def _first(stream: DeploymentResponseGenerator) -> dict:
@@ -63,10 +91,34 @@ async def _first(stream: DeploymentResponseGenerator) -> dict:
         return {"error": "the model returned nothing"}
 
 
-def _cancel(stream: DeploymentResponseGenerator) -> None:
+async def _submit(handle: DeploymentHandle, jobs: list) -> tuple[list, list]:
+    """Streams of `jobs` and their first deltas (or the exceptions they raised)."""
+    streams = []
+    try:
+        for prompt, params in jobs:
+            streams.append(handle.options(stream=True).generate.remote(prompt, params))
+        results = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+    except BackPressureError as exc:  # raised at submission rather than on the first item
+        results = [exc] * len(jobs)
+        streams += [None] * (len(jobs) - len(streams))
+    return streams, list(results)
+
+
+# the engine's refusal of a max_tokens larger than the context leaves (LLMEngine.make_sequence)
+_NO_ROOM = re.compile(r"larger than the (\d+) tokens the context leaves")
+
+
+def _room_left(result) -> int | None:
+    """The tokens the context leaves after the prompt, if `result` is the engine's refusal for lack of room."""
+    match = _NO_ROOM.search(result.get("error", "")) if isinstance(result, dict) else None
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
+
+
+def _cancel(stream: DeploymentResponseGenerator | None) -> None:
     """Cancel an engine request; cancelling one that already failed re-raises its error: ignore that."""
     try:
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
     except Exception:
         pass
 
@@ -87,7 +139,7 @@ class OpenAIIngress:
         self.shutdown = asyncio.Event()  # set when shutdown's grace period is over
         self._cards: dict[str, dict] = {}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "shutting down"}})
     async def health(self):
         if self.guard.draining:
             return JSONResponse({"status": "shutting down", "models": sorted(self.models)}, 503)
@@ -115,18 +167,18 @@ class OpenAIIngress:
                 pass
             return {"cut": cut}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_ERRORS)
     async def list_models(self) -> dict:
         missing = [m for m in self.models if m not in self._cards]
         cards = await asyncio.gather(*(self.models[m].model_card.remote() for m in missing))
         self._cards.update(zip(missing, cards))
         return {"object": "list", "data": [self._cards[m] for m in self.models]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION)
     async def completions(self, body: CompletionRequest):
         return await self._serve(body, body.prompts(), chat=False, want_logprobs=body.logprobs is not None)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION)
     async def chat_completions(self, body: ChatCompletionRequest):
         try:
             conversation = body.conversation()
@@ -144,11 +196,13 @@ class OpenAIIngress:
         try:
             check_limits(body, self.limits)
             params = [body.params(i) for i in range(body.n)]
+            if self.limits.max_tokens is not None:  # the cap also bounds chat's "until the context is full"
+                params = [replace(p, max_tokens=min(p.max_tokens, self.limits.max_tokens)) for p in params]
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         jobs = [(prompt, p) for prompt in prompts for p in params]
-        streams, firsts = await self._start(handle, jobs)
-        states = [ChoiceState(i, chat, want_logprobs, body.return_exit_layers) for i in range(len(jobs))]
+        streams, firsts = await self._start(handle, jobs, truncate=body.truncates)
+        states = [ChoiceState(i, chat, want_logprobs, body.return_exit_layers, body.return_predicted_length) for i in range(len(jobs))]
         builder = ResponseBuilder(body.model, chat)
         if body.stream:
             events = self._events(streams, firsts, states, builder, body.n, body.include_usage)
@@ -169,15 +223,19 @@ class OpenAIIngress:
         response["usage"] = builder.usage(states, body.n)
         return response
 
-    async def _start(self, handle: DeploymentHandle, jobs: list) -> tuple[list, list[dict]]:
-        """Submit every job and wait for its first delta, so a bad request or a full queue fails before the 200."""
-        streams = []
-        try:
-            for prompt, params in jobs:
-                streams.append(handle.options(stream=True).generate.remote(prompt, params))
-            results = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
-        except BackPressureError as exc:  # raised at submission rather than on the first item
-            results = [exc]
+    async def _start(self, handle: DeploymentHandle, jobs: list, truncate: bool) -> tuple[list, list[dict]]:
+        """Submit every job and wait for its first delta, so a bad request or a full queue fails before the 200.
+
+        With `truncate`, a job whose max_tokens does not fit the context after its prompt (known only
+        once the replica has tokenized it) is sent again asking for what fits."""
+        streams, results = await _submit(handle, jobs)
+        if truncate:
+            for index, result in enumerate(results):
+                room = _room_left(result)
+                if room is not None and not any(isinstance(r, BackPressureError) for r in results):
+                    prompt, params = jobs[index]
+                    [streams[index]], [results[index]] = await _submit(handle, [(prompt, replace(params,
+                                                                                            max_tokens=room))])
         failure = next((r for r in results if isinstance(r, BaseException) or "error" in r), None)
         if failure is None:
             return streams, results

@@ -94,3 +94,35 @@ def served(tiny_chat_model_dir):
                "folders": {"tiny": tiny_chat_model_dir("llama"), "tiny-qwen": tiny_chat_model_dir("qwen2")}}
     finally:
         run.stop()
+
+
+API_KEY, ADMIN_KEY = "sk-test-0123456789", "admin-test-9876543210"
+LIMITS = {"max_body_bytes": "64KiB", "max_n": 2, "max_top_logprobs": 3, "max_stop": 2, "max_stop_chars": 8,
+          "max_prompt_chars": 1000, "max_prompt_items": 3, "max_tokens": 50}
+
+
+@pytest.fixture(scope="session")
+def hardened(served, tmp_path_factory):
+    """A second Serve app beside `served`, under /hardened: one tiny model, small limits (LIMITS), API
+    keys from a file and the admin routes on (HELIOS_ADMIN_KEY in the ingress's environment)."""
+    from ray import serve
+
+    from deployments.app import server_name
+    from deployments.config import parse_config
+    from deployments.ingress import OpenAIIngress
+    from deployments.llm_server import LLMServer
+
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(f"# one key a line\n{API_KEY}\n")
+    config = parse_config({"models": [{"id": "tiny", "source": str(served["folders"]["tiny"]), "num_cpus": 0,
+                                       "engine": {"kv_cache_memory": "16MiB"}}],
+                           "limits": LIMITS, "auth": {"api_keys_file": str(keys), "admin_routes": True},
+                           "ingress": {"log_prompts": True}})
+    model = config.models[0]
+    servers = {"tiny": LLMServer.options(name=server_name("tiny"), ray_actor_options={"num_cpus": 0}).bind(model)}
+    # the admin key reaches the ingress's process as an environment variable, as it would in production
+    ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {
+        "env_vars": {"HELIOS_ADMIN_KEY": ADMIN_KEY}}}).bind(servers, config)
+    serve.run(ingress, name="hardened", route_prefix="/hardened")
+    yield {"base_url": served["base_url"] + "/hardened", "api_key": API_KEY, "admin_key": ADMIN_KEY}
+    serve.delete("hardened")
