@@ -68,6 +68,8 @@ class LLMServer:
         delta = {"text": out.new_text, "token_ids": out.new_token_ids, "exit_layers": out.new_exit_layers,
                  "finished": out.finished, "finish_reason": out.finish_reason,
                  "prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens}
+        if out.predicted_length is not None:  # the length head's prediction (first and last delta)
+            delta["predicted_length"] = out.predicted_length
         if out.new_logprobs is not None:
             delta["logprobs"] = [self._named_logprob(entry) for entry in out.new_logprobs]
         return delta

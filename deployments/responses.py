@@ -10,8 +10,11 @@ import uuid
 class ChoiceState:
     """One choice (one prompt x one of n samples) as its deltas arrive."""
 
-    def __init__(self, index: int, chat: bool, want_logprobs: bool, want_exit_layers: bool):
+    def __init__(self, index: int, chat: bool, want_logprobs: bool, want_exit_layers: bool,
+                 want_predicted_length: bool = False):
         self.index, self.chat = index, chat
+        self.want_predicted_length = want_predicted_length
+        self.predicted_length: int | None = None  # the engine's length prediction, when it has a head
         self.want_logprobs, self.want_exit_layers = want_logprobs, want_exit_layers
         self.text = ""
         self.logprobs: list[dict] = []
@@ -25,6 +28,7 @@ class ChoiceState:
         self.text += delta["text"]
         self.logprobs += delta.get("logprobs", [])
         self.exit_layers += delta["exit_layers"]
+        self.predicted_length = delta.get("predicted_length", self.predicted_length)
         self.finish_reason = delta["finish_reason"]
         self.prompt_tokens = delta["prompt_tokens"]
         self.completion_tokens = delta["completion_tokens"]
@@ -51,6 +55,8 @@ class ChoiceState:
         choice["finish_reason"] = finish_reason
         if self.want_exit_layers:
             choice["exit_layers"] = exit_layers
+        if self.want_predicted_length:  # null when the model has no length head
+            choice["predicted_length"] = self.predicted_length
         return choice
 
     def _logprobs(self, entries: list[dict]) -> dict:

@@ -99,3 +99,17 @@ def test_no_head_no_prediction(tiny_model_dir):
 def test_length_features_are_scale_free():
     x = torch.randn(3, 8)
     torch.testing.assert_close(length_features([x, 10 * x]), torch.cat([length_features([x])] * 2, dim=-1))
+
+
+def test_a_choice_carries_the_predicted_length_only_when_asked():
+    from deployments.responses import ChoiceState
+
+    first = {"text": "a", "exit_layers": [4], "finish_reason": None, "prompt_tokens": 3, "completion_tokens": 1,
+             "predicted_length": 42}
+    last = {"text": "b", "exit_layers": [4], "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 2}
+    asked, plain = ChoiceState(0, True, False, False, True), ChoiceState(0, True, False, False)
+    for state in (asked, plain):
+        state.add(first)
+        assert state.chunk(first).get("predicted_length") == (42 if state is asked else None)
+        state.add(last)
+    assert asked.full()["predicted_length"] == 42 and "predicted_length" not in plain.full()
