@@ -63,3 +63,9 @@ def test_light_modules_stay_light(modules, banned):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"importing {modules} loads {result.stdout.strip()}"
+
+
+def test_shared_data_is_the_folder_beside_the_checkout():
+    from helios.tuning.datasets import SHARED_DATA
+
+    assert SHARED_DATA == ROOT.parent / "shared" / "data"

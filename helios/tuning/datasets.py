@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 # ../shared/data beside the checkout, when present
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # helios/tuning/ -> checkout -> ..
 DEFAULT_DATASET = SHARED_DATA / "gpteacher_roleplay.json"
 
 
