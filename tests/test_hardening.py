@@ -299,3 +299,42 @@ def test_killed_replica_ends_its_streams_cleanly_and_comes_back(served):
         assert time.monotonic() - killed < 60, reply.text
         time.sleep(0.5)
     print(f"replica killed mid-stream: new requests succeed again after {time.monotonic() - killed:.1f} s")
+
+
+# ---- the guard in-process (no Ray): what it logs ---------------------------------------------------
+
+def _guarded_app(settings):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from deployments.guard import Guard
+
+    async def echo(request):
+        return JSONResponse({"got": len(await request.body()), "text": "the model answer"})
+
+    app = Starlette(routes=[Route("/v1/completions", echo, methods=["POST"])])
+    app.state.guard = settings
+    app.add_middleware(Guard)
+    return app
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_request_log_has_ids_sizes_and_times_but_text_only_when_asked(caplog, log_prompts):
+    from deployments.guard import GuardSettings
+
+    app = _guarded_app(GuardSettings(max_body_bytes=100, log_prompts=log_prompts))
+
+    async def post(content: bytes):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await http.post("/v1/completions", content=content)
+
+    with caplog.at_level("INFO", logger="ray.serve.helios.access"):
+        ok = asyncio.run(post(b'{"prompt": "secret prompt"}'))
+        too_big = asyncio.run(post(b"x" * 101))
+    assert ok.status_code == 200 and ok.json()["got"] == 27 and too_big.status_code == 413
+    first, second = (record.getMessage() for record in caplog.records)
+    assert ok.headers["x-request-id"] in first and "status=200 in=27B" in first and "time=" in first
+    assert "status=413" in second
+    assert ("secret prompt" in first and "the model answer" in first) == log_prompts
+    assert log_prompts or ("secret" not in first and "answer" not in first)
