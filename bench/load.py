@@ -81,7 +81,8 @@ class RSSSampler:
 
     def __init__(self, server_pid: int | None = None, interval_s: float = 0.5):
         self.server_pid, self.interval_s = server_pid, interval_s
-        self.peaks: dict[str, int] = {}
+        self.peaks: dict[int, int] = {}
+        self.names: dict[int, str] = {}  # a Ray worker's title changes with the method it runs: keep the first
         self._task: asyncio.Task | None = None
 
     def _processes(self) -> list[psutil.Process]:
@@ -98,8 +99,8 @@ class RSSSampler:
                 continue
             if self.server_pid is None and not title.startswith(RAY_TITLES) and "/ray/" not in title.split(" ")[0]:
                 continue
-            name = f"{title.split(' ')[0].rsplit('/', 1)[-1][:60]} (pid {process.pid})"
-            self.peaks[name] = max(self.peaks.get(name, 0), rss)
+            self.names.setdefault(process.pid, f"{title.split(' ')[0].rsplit('/', 1)[-1][:60]} (pid {process.pid})")
+            self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), rss)
 
     async def _run(self) -> None:
         while True:
@@ -114,7 +115,7 @@ class RSSSampler:
         self._task.cancel()
 
     def peaks_mib(self) -> dict[str, float]:
-        return {name: round(rss / 2**20, 1) for name, rss in sorted(self.peaks.items())}
+        return dict(sorted((self.names[pid], round(rss / 2**20, 1)) for pid, rss in self.peaks.items()))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -148,6 +149,7 @@ async def run_load(base_url: str, model: str, count: int, rate: float | None = N
     async with httpx.AsyncClient(base_url=base_url, limits=limits, headers=headers) as http:
         saturation = None
         if rate is None:
+            await one_request(http, body, timeout_s)  # warm-up: the first request pays one-off costs
             saturation = await saturation_rate(http, body, saturation_concurrency, saturation_requests, timeout_s)
             rate = overload * saturation
         with RSSSampler(server_pid) as rss:
