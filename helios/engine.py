@@ -70,6 +70,9 @@ class LLMEngine:
                                    make_policy(config.scheduling_policy, self.blocks, config.length_aging))
         if config.length_head:
             self.runner.length_head = load_length_head(config.length_head, self.arch.hidden_size, self.arch.num_layers)
+            if max(self.runner.length_head.layers) > self.num_loaded_layers:
+                raise ValueError(f"the length head reads layers {self.runner.length_head.layers}; only "
+                                 f"{self.num_loaded_layers} are loaded (max_layers)")
             self.runner.capture_layers = frozenset(self.runner.length_head.layers)
         # length-tune records the first-token states here: fn(sequences, {layer: states})
         self.length_recorder = None

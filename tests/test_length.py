@@ -113,3 +113,10 @@ def test_a_choice_carries_the_predicted_length_only_when_asked():
         assert state.chunk(first).get("predicted_length") == (42 if state is asked else None)
         state.add(last)
     assert asked.full()["predicted_length"] == 42 and "predicted_length" not in plain.full()
+
+
+def test_a_head_reading_layers_that_are_not_loaded_is_refused(tiny_model_dir, tmp_path):
+    folder, _ = tiny_model_dir("llama")
+    save_length_head(tmp_path, random_head(layers=(2, 4)))
+    with pytest.raises(ValueError, match="only 2 are loaded"):
+        _engine(folder, length_head=str(tmp_path), max_layers=2)
