@@ -320,8 +320,10 @@ def _guarded_app(settings):
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])
-def test_request_log_has_ids_sizes_and_times_but_text_only_when_asked(caplog, log_prompts):
-    from deployments.guard import GuardSettings
+def test_request_log_has_ids_sizes_and_times_but_text_only_when_asked(log_prompts):
+    import logging
+
+    from deployments.guard import GuardSettings, logger
 
     app = _guarded_app(GuardSettings(max_body_bytes=100, log_prompts=log_prompts))
 
@@ -329,11 +331,23 @@ def test_request_log_has_ids_sizes_and_times_but_text_only_when_asked(caplog, lo
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
             return await http.post("/v1/completions", content=content)
 
-    with caplog.at_level("INFO", logger="ray.serve.helios.access"):
+    class Lines(logging.Handler):  # on the logger itself: once Serve runs, "ray.serve" does not propagate
+        lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    handler, level = Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         ok = asyncio.run(post(b'{"prompt": "secret prompt"}'))
         too_big = asyncio.run(post(b"x" * 101))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert ok.status_code == 200 and ok.json()["got"] == 27 and too_big.status_code == 413
-    first, second = (record.getMessage() for record in caplog.records)
+    first, second = handler.lines
     assert ok.headers["x-request-id"] in first and "status=200 in=27B" in first and "time=" in first
     assert "status=413" in second
     assert ("secret prompt" in first and "the model answer" in first) == log_prompts
