@@ -1,7 +1,6 @@
 """The OpenAI-compatible HTTP ingress: FastAPI on Serve, one `LLMServer` deployment per model."""
 
 import asyncio
-import re
 from dataclasses import replace
 from typing import AsyncIterator
 
@@ -105,13 +104,6 @@ async def _submit(handle: DeploymentHandle, jobs: list) -> tuple[list, list]:
 
 
 # the engine's refusal of a max_tokens larger than the context leaves (LLMEngine.make_sequence)
-_NO_ROOM = re.compile(r"larger than the (\d+) tokens the context leaves")
-
-
-def _room_left(result) -> int | None:
-    """The tokens the context leaves after the prompt, if `result` is the engine's refusal for lack of room."""
-    match = _NO_ROOM.search(result.get("error", "")) if isinstance(result, dict) else None
-    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
 
 
 def _cancel(stream: DeploymentResponseGenerator | None) -> None:
@@ -201,7 +193,7 @@ class OpenAIIngress:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         jobs = [(prompt, p) for prompt in prompts for p in params]
-        streams, firsts = await self._start(handle, jobs, truncate=body.truncates)
+        streams, firsts = await self._start(handle, jobs)
         states = [ChoiceState(i, chat, want_logprobs, body.return_exit_layers, body.return_predicted_length) for i in range(len(jobs))]
         builder = ResponseBuilder(body.model, chat)
         if body.stream:
@@ -223,19 +215,13 @@ class OpenAIIngress:
         response["usage"] = builder.usage(states, body.n)
         return response
 
-    async def _start(self, handle: DeploymentHandle, jobs: list, truncate: bool) -> tuple[list, list[dict]]:
+    async def _start(self, handle: DeploymentHandle, jobs: list) -> tuple[list, list[dict]]:
         """Submit every job and wait for its first delta, so a bad request or a full queue fails before the 200.
 
-        With `truncate`, a job whose max_tokens does not fit the context after its prompt (known only
-        once the replica has tokenized it) is sent again asking for what fits."""
+        A max_tokens that does not fit the context after the prompt (known once the replica has
+        tokenized it) is refused there, unless the request truncates (`strict_max_tokens` off):
+        then generation stops when the context is full."""
         streams, results = await _submit(handle, jobs)
-        if truncate:
-            for index, result in enumerate(results):
-                room = _room_left(result)
-                if room is not None and not any(isinstance(r, BackPressureError) for r in results):
-                    prompt, params = jobs[index]
-                    [streams[index]], [results[index]] = await _submit(handle, [(prompt, replace(params,
-                                                                                            max_tokens=room))])
         failure = next((r for r in results if isinstance(r, BaseException) or "error" in r), None)
         if failure is None:
             return streams, results

@@ -79,7 +79,9 @@ class _Request(BaseModel):
         temperature = max(self.temperature, MIN_TEMPERATURE) if self.temperature else 0.0
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=max(self.top_p, MIN_TOP_P),
                               top_k=self.top_k, seed=None if self.seed is None else self.seed + index,
-                              stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              # refused up front unless the client lets generation stop at the context's end
+                              strict_max_tokens=not self.truncates)
 
 
 class CompletionRequest(_Request):

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     from helios.models_command import add_parser as add_models_parser
 
     add_models_parser(commands)
-    from helios.profile_command import add_arguments as add_profile_arguments
+    from controller.profile_command import add_arguments as add_profile_arguments
     add_profile_arguments(commands.add_parser("profile", help="measure an SLO file's candidates: the model repository"))
     srv = commands.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
     srv.add_argument("config", nargs="?", help="YAML serving config (default: the default model on 127.0.0.1:8000)")

@@ -45,6 +45,6 @@ class InputProcessor:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         room = self.max_model_len - len(ids)
         if params.strict_max_tokens and params.max_tokens > room:
-            raise ValueError(f"max_tokens ({params.max_tokens}) is larger than the {room} tokens the context "
-                             f"({self.max_model_len}) leaves after the {len(ids)}-token prompt")
+            raise ValueError(f"max_tokens ({params.max_tokens}) is larger than the {room} tokens the context leaves "
+                             f"after the {len(ids)}-token prompt (context: {self.max_model_len} tokens)")
         return Sequence(request_id, ids, params)

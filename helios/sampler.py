@@ -15,6 +15,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        drop[0] = False  # the most likely token always stays (a top_p that rounds to 0 would drop every one)
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy decoding
 
 
 @dataclass
@@ -43,4 +44,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # as vLLM: below 1e-5 a temperature only overflows the logits; it means greedy
+        return self.temperature < GREEDY_BELOW or self.top_k == 1

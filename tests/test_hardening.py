@@ -108,7 +108,6 @@ def test_request_limits_are_refused_with_400(hardened, body, fragment):
     assert _engine_state("tiny", "hardened")["running"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's max_tokens-vs-context check (make_sequence) is the lead's")
 def test_max_tokens_beyond_the_context_is_refused_naming_both_numbers(served):
     prompt = [5] * 4090  # tiny's context is 4096 tokens: 6 are left
     response = httpx.post(served["base_url"] + "/v1/completions", timeout=60,

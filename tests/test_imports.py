@@ -56,6 +56,7 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("modules, banned", [
     ("helios.config, helios.stats, telemetry.metrics", ("torch", "ray")),  # what a controller or dashboard needs
+    ("controller.slo, controller.selector, controller.reassess, deployments.config", ("torch",)),
     ("helios.engine, helios.async_engine", ("ray",)),  # the engine runs without Ray
 ])
 def test_light_modules_stay_light(modules, banned):

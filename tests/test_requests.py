@@ -114,3 +114,12 @@ def test_auto_dtype_keeps_float32_checkpoints_and_halves_the_rest(tiny_model_dir
     assert auto_dtype(config, quantized=False, device="cpu") == half_if_native
     # the tiny test checkpoints are float32, so engines built on them run float32
     assert LLM(str(folder), kv_cache_memory=1 << 20).engine.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_extreme_sampling_values_neither_crash_nor_produce_nan(llm):
+    """A temperature that overflows the logits and a top_p that rounds to 0 (found by fuzzing the HTTP API)."""
+    greedy = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0))[0]
+    tiny_temperature = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=2.6e-42))[0]
+    assert tiny_temperature.token_ids == greedy.token_ids
+    tiny_top_p = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=2.0, top_p=1e-300, seed=1))[0]
+    assert tiny_top_p.token_ids == greedy.token_ids  # only the most likely token is left to draw

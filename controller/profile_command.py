@@ -1,8 +1,9 @@
 """`helios profile SLO.yaml`: measure every candidate at every allowed depth; write the model repository.
 
-It runs the engine, so it lives in helios/ (controller/ may not import the engine); it reads the
-SLO file and writes the repository through controller/'s schema, imported lazily by this
-command only, as `helios serve` imports deployments/. Per candidate it loads the full depth
+It writes the controller's model repository, so it lives in controller/; it is the one module
+there that runs the engine, imported lazily inside the measuring functions, so the controller
+actor and the selector (which never import this module) still load neither torch nor the
+model code. (helios/ may not import controller/: only the command line reaches up.) Per candidate it loads the full depth
 first (the reference for agreement and the exit distribution), then each allowed depth, and
 records for each: throughput at a few batch sizes, TTFT/TPOT/latency at batch 1, weight bytes
 (per layer and for the prefix; exit heads are not counted), KV bytes per token, the exit
