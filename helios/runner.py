@@ -116,7 +116,7 @@ class ModelRunner:
             if c.sample:
                 sample_rows.append(row - 1)
         meta = AttentionMetadata(len(decode), decode_blocks.to(self.device), decode_mask.to(self.device),
-                                 decode_groups(blocks_used), chunks)
+                                 decode_groups(blocks_used), chunks, ctx_lens.to(self.device))
         return meta, sample_rows
 
     # ---- the step -----------------------------------------------------------------
@@ -134,10 +134,11 @@ class ModelRunner:
             q, k, v = layer.qkv(hidden, cos, sin)  # every row: this is also the KV fill of exited rows
             self.cache.write(index, inp.slot_mapping, k, v)
             if all_alive:
-                hidden = layer.finish(hidden, attention(self.cache, index, q, inp.attention, None))
+                hidden = layer.finish(hidden, attention(self.cache, index, q, inp.attention, None, layer.sliding_window))
             elif bool(exits.alive.any()):
                 rows = exits.alive.nonzero().squeeze(1)
-                attn = attention(self.cache, index, q, inp.attention, rows[rows < inp.attention.num_decode])
+                attn = attention(self.cache, index, q, inp.attention, rows[rows < inp.attention.num_decode],
+                                 layer.sliding_window)
                 hidden = hidden.index_copy(0, rows, layer.finish(hidden[rows], attn[rows]))
             ran = index + 1
             if inp.first_rows is not None and ran in self.capture_layers:
