@@ -124,7 +124,7 @@ def serve_vbs_fcr(engine, prompts: list, predicted: list[int], cap: int, token_b
 def main() -> None:
     from helios import LLM
     from helios.tuning.datasets import load_prompts
-    from common import machine
+    from common import machine, median_run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -136,13 +136,15 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=128, help="max_tokens of every request")
     parser.add_argument("--batch-size", type=int, default=8, help="vanilla and predictor batch size")
     parser.add_argument("--max-batch", type=int, default=32, help="VBS: largest batch")
-    parser.add_argument("--token-budget", type=int, default=1024, help="VBS: batch size x longest prediction")
+    parser.add_argument("--token-budget", type=int, default=None,
+                        help="VBS: batch size x longest prediction at most (default: batch-size x cap, vanilla's worst case)")
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--max-fcr-share", type=float, default=0.2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    args.token_budget = args.token_budget or args.batch_size * args.cap
 
     llm = LLM(args.model, length_head=args.length_head, dtype=args.dtype, kv_cache_memory=512 << 20,
               max_num_seqs=max(args.max_batch, args.batch_size))
@@ -154,6 +156,7 @@ def main() -> None:
         vanilla = serve_fixed(engine, prompts, list(range(len(prompts))), args.batch_size, args.cap)
         true_lengths = [len(vanilla.outputs[i]) for i in range(len(prompts))]
         predicted, perceive_s = predict_pool(engine, prompts)
+        predicted = [min(p, args.cap) for p in predicted]  # the head's cap may exceed this run's
         ordered = sorted(range(len(prompts)), key=lambda i: predicted[i])
         grouped = serve_fixed(engine, prompts, ordered, args.batch_size, args.cap)
         vbs = serve_vbs_fcr(engine, prompts, predicted, args.cap, args.token_budget, args.max_batch, args.slack,
@@ -164,21 +167,28 @@ def main() -> None:
             same = sum(res.outputs[i] == vanilla.outputs[i] for i in range(len(prompts)))
             rows[name].append({"seconds": res.seconds + extra_s, "perception_s": extra_s,
                                "samples_per_s": len(prompts) / (res.seconds + extra_s),
+                               "samples_per_s_without_perception": len(prompts) / res.seconds,
                                "batch_sizes": res.batch_sizes, "fcr_rate": len(res.recomputed) / len(prompts),
                                "same_output_as_vanilla": same})
         errors = [abs(p - t) for p, t in zip(predicted, true_lengths)]
         rows.setdefault("prediction", []).append({"mae": sum(errors) / len(errors),
                                                   "within_50": sum(e <= 50 for e in errors) / len(errors),
                                                   "true_lengths": true_lengths, "predicted": predicted})
-    base = sorted(r["samples_per_s"] for r in rows["vanilla"])[len(rows["vanilla"]) // 2]
-    summary = {name: {"samples_per_s": sorted(r["samples_per_s"] for r in runs)[len(runs) // 2],
-                      "speedup_vs_vanilla": sorted(r["samples_per_s"] for r in runs)[len(runs) // 2] / base}
-               for name, runs in rows.items() if name != "prediction"}
+    base = median_run(rows["vanilla"], key=lambda r: r["samples_per_s"])["samples_per_s"]
+    summary = {}
+    for name, runs in rows.items():
+        if name == "prediction":
+            continue
+        row = median_run(runs, key=lambda r: r["samples_per_s"])
+        summary[name] = {"samples_per_s": row["samples_per_s"], "speedup_vs_vanilla": row["samples_per_s"] / base,
+                         "speedup_without_perception": row["samples_per_s_without_perception"] / base,
+                         "fcr_rate": row["fcr_rate"]}
     report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "args": vars(args),
               "summary": summary, "runs": rows}
     Path(args.out).write_text(json.dumps(report, indent=2))
     for name, row in summary.items():
-        print(f"{name:10s} {row['samples_per_s']:.3f} samples/s  x{row['speedup_vs_vanilla']:.2f}")
+        print(f"{name:10s} {row['samples_per_s']:.3f} samples/s  x{row['speedup_vs_vanilla']:.2f} "
+              f"(x{row['speedup_without_perception']:.2f} without the perception pass), FCR {row['fcr_rate']:.2f}")
 
 
 if __name__ == "__main__":
