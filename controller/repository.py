@@ -43,9 +43,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.config import ConfigError, _describe
+from deployments.config import ConfigError, validate
 
 FORMAT = "helios-model-repository/1"
 Share = float  # 0 to 1
@@ -132,10 +132,7 @@ class Repository(_Strict):
 
 
 def parse_repository(data: dict) -> Repository:
-    try:
-        return Repository.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError("invalid model repository:\n" + _describe(exc)) from None
+    return validate(Repository, data, "model repository")
 
 
 def load_repository(path: str | Path) -> Repository:

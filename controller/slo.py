@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.config import ConfigError, HTTPConfig, IngressConfig, ModelConfig, _describe, parse_size
+from deployments.config import HTTPConfig, IngressConfig, ModelConfig, parse_size, read_yaml_mapping, validate
 
 OBJECTIVES = ("throughput", "latency", "energy", "memory")
 Objective = Literal["throughput", "latency", "energy", "memory"]
@@ -125,23 +124,12 @@ class SLOConfig(_Strict):
 
 
 def parse_slo(data: dict | None) -> SLOConfig:
-    try:
-        return SLOConfig.model_validate(data or {})
-    except ValidationError as exc:
-        raise ConfigError("invalid SLO config:\n" + _describe(exc)) from None
+    return validate(SLOConfig, data or {}, "SLO config")
 
 
 def load_slo(path: str | Path) -> SLOConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"SLO file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (model, candidates, objective, ...)")
-    slo = parse_slo(data)
+    slo = parse_slo(read_yaml_mapping(path, "SLO file", "model, candidates, objective"))
     # relative files sit beside the SLO file, wherever the controller runs (a Ray worker's cwd differs)
     files = {key: str((path.parent / getattr(slo, key)).resolve()) for key in ("repository", "history")}
     return slo.model_copy(update=files)

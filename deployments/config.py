@@ -175,22 +175,32 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict | None) -> ServeConfig:
-    """Validate a config mapping (None or {} = the default model with defaults)."""
+def validate(schema: type[BaseModel], data: Any, what: str) -> Any:
+    """`data` as a `schema`, or a ConfigError naming each bad key path (`what`: "serving config")."""
     try:
-        return ServeConfig.model_validate(data or {})
+        return schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("invalid serving config:\n" + _describe(exc)) from None
+        raise ConfigError(f"invalid {what}:\n" + _describe(exc)) from None
 
 
-def load_config(path: str | Path) -> ServeConfig:
+def read_yaml_mapping(path: str | Path, what: str, top_keys: str) -> dict | None:
+    """A YAML file's top-level mapping (None for an empty file); ConfigError for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (http, models, ...)")
-    return parse_config(data)
+        raise ConfigError(f"{path}: the top level must be a mapping ({top_keys}, ...)")
+    return data
+
+
+def parse_config(data: dict | None) -> ServeConfig:
+    """Validate a config mapping (None or {} = the default model with defaults)."""
+    return validate(ServeConfig, data or {}, "serving config")
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    return parse_config(read_yaml_mapping(path, "config file", "http, models"))
