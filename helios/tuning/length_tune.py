@@ -41,10 +41,12 @@ class LengthData:
 
 @dataclass
 class TrainOptions:
-    hidden: int = 128
+    # small and strongly regularised: a few hundred pairs of 1,152 features overfit a wider head
+    # (on 180 pairs of the default model, hidden 16 / decay 1.0 beat 128 / 0.05 on held-out MAE)
+    hidden: int = 16
     epochs: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    lr: float = 3e-4
+    weight_decay: float = 1.0
     bucket_weight: float = 0.2  # cross-entropy weight beside the L1 on length / cap
     seed: int = 0
 

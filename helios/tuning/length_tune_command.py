@@ -59,8 +59,12 @@ def run_length_tune(args) -> int:
     logger.info("length-tune: %d training prompts from %s; held out: %s; %d tokens at most, greedy + %d samples",
                 len(train_prompts), args.dataset, {k: len(v) for k, v in heldout.items()}, args.max_tokens,
                 args.num_samples)
-    train = _collect(llm, train_prompts, args, "generating (training)")
-    tests = {name: _collect(llm, prompts, args, f"generating ({name})") for name, prompts in heldout.items()}
+    if args.from_pairs:  # the pairs of an earlier run (--save-data): retrain without generating
+        saved = torch.load(args.from_pairs, weights_only=False)
+        train, tests = saved["train"], saved["heldout"]
+    else:
+        train = _collect(llm, train_prompts, args, "generating (training)")
+        tests = {name: _collect(llm, prompts, args, f"generating ({name})") for name, prompts in heldout.items()}
     generated = time.monotonic()
     report = {"command": args.command_line, "cap_max_tokens": args.max_tokens, "layers": layers,
               "num_samples": args.num_samples, "temperature": args.temperature, "label": args.label,
@@ -130,10 +134,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="of the sampled generations")
     parser.add_argument("--label", choices=("max", "greedy"), default="max", help="the label of the written head")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences generated at once")
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-data", action="store_true", help="also write the pairs (pairs.pt)")
+    parser.add_argument("--from-pairs", default=None, help="train from a saved pairs.pt instead of generating")
     parser.set_defaults(func=main, default_train=[str(SHARED / f) for f in ("gpteacher_roleplay.json", "gpteacher_toolformer.json",
                                                                  "gsm8k_train.json")],
                         default_heldout=[str(SHARED / "self_instruct_seed_tasks.jsonl")])
