@@ -68,7 +68,7 @@ def run_length_tune(args) -> int:
     generated = time.monotonic()
     report = {"command": args.command_line, "cap_max_tokens": args.max_tokens, "layers": layers,
               "num_samples": args.num_samples, "temperature": args.temperature, "label": args.label,
-              "datasets": {"train": args.dataset, "heldout": args.heldout}, "train_prompts": len(train_prompts),
+              "datasets": {"train": args.dataset, "heldout": args.heldout}, "train_prompts": len(train.greedy),
               "generation_seconds": generated - started, "heads": {}}
     heads = {}
     for label in ("max", "greedy"):  # the shipped label first; the other for comparison
