@@ -72,6 +72,9 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+PROXY_FLUSH_S = 1.0  # seen needed under load: at once, a cut stream sometimes lost its last bytes
+
+
 def serve_forever(config: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then shut Serve and Ray down cleanly."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # explicit: SIGINT may arrive ignored in a background job
@@ -86,7 +89,10 @@ def serve_forever(config: ServeConfig) -> None:
         started = time.monotonic()
         print(f"shutting down: in-flight requests get {config.ingress.shutdown_grace_s:g} s", flush=True)
         try:
-            print(f"drained: {drain(config.ingress.shutdown_grace_s)['cut']} request(s) cut", flush=True)
+            cut = drain(config.ingress.shutdown_grace_s)["cut"]
+            print(f"drained: {cut} request(s) cut", flush=True)
+            if cut:  # the ingress has sent the cut streams' last events; the HTTP proxy, a process of its
+                time.sleep(PROXY_FLUSH_S)  # own, still has to pass them on before Serve stops it
         except Exception as exc:  # e.g. Serve never came up: nothing to drain
             logger.warning("drain failed: %r", exc)
         stop()

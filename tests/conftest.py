@@ -77,6 +77,8 @@ def served(tiny_chat_model_dir):
     from deployments.config import parse_config
 
     metrics_port = free_port()
+    if ray.is_initialized():  # a test that started its own Ray and failed before shutting it down
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 500})
     tiny = {"num_cpus": 0, "engine": {"kv_cache_memory": "16MiB"}}

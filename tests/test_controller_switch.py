@@ -103,7 +103,8 @@ class Clients:
     def join(self) -> None:
         self.stop.set()
         for thread in self.threads:
-            thread.join(timeout=150)
+            if thread.ident is not None:  # started (a failure before start() leaves them unstarted)
+                thread.join(timeout=150)
 
 
 def eventually(condition, timeout_s: float = 90) -> bool:
@@ -130,13 +131,13 @@ def test_switches_during_traffic_lose_no_request(tiny_chat_model_dir):
 
     if ray.is_initialized():  # another test's Serve holds the HTTP options; this test needs its own
         pytest.skip("Ray is already running in this process")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     slo = tiny_slo(tiny_chat_model_dir("llama"), tiny_chat_model_dir("qwen2"), port)
     app, prefix = "helios-switch-test", "/switch-test"
     clients = Clients(f"http://127.0.0.1:{port}{prefix}")
-    try:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:  # from here on Ray is shut down whatever fails, so later tests can start their own
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         switch(slo, TINY_REPO, "llama", 4, app, prefix)
         clients.start()
         reached = [eventually(lambda: serves(clients, 4))]
