@@ -33,10 +33,7 @@ def _parser_for(annotation) -> typing.Callable[[str], typing.Any]:
 
 
 def _engine_fields(only: set[str] | None) -> list[dataclasses.Field]:
-    hints = typing.get_type_hints(EngineConfig)
     fields = [f for f in dataclasses.fields(EngineConfig) if f.metadata.get("cli", True)]
-    for f in fields:
-        f.type = hints[f.name]
     return [f for f in fields if only is None or f.name in only]
 
 
@@ -44,9 +41,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, only: set[str] | None 
                          defaults: dict | None = None) -> None:
     """`--max-layers`, `--exit-policy`, ... for the EngineConfig fields in `only` (None: all)."""
     defaults = defaults or {}
+    hints = typing.get_type_hints(EngineConfig)  # the annotations are strings (postponed evaluation)
     for f in _engine_fields(only):
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_parser_for(f.type), default=default,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_parser_for(hints[f.name]), default=default,
                             choices=f.metadata.get("choices"), help=f.metadata["help"])
 
 

@@ -70,3 +70,15 @@ def test_shared_data_is_the_folder_beside_the_checkout():
     from helios.tuning.datasets import SHARED_DATA
 
     assert SHARED_DATA == ROOT.parent / "shared" / "data"
+
+
+def test_building_the_cli_leaves_engine_config_untouched():
+    """The CLI reads EngineConfig's fields; it must not change them (the docs page renders their types)."""
+    import dataclasses
+
+    from helios.cli import build_parser
+    from helios.config import EngineConfig
+
+    before = [(f.name, f.type) for f in dataclasses.fields(EngineConfig)]
+    build_parser()
+    assert [(f.name, f.type) for f in dataclasses.fields(EngineConfig)] == before
