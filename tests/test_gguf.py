@@ -15,11 +15,11 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf) -> None:
+def gguf_writer(path, cfg, arch: str):
+    """A GGUF writer with the model header of a tiny HF config filled in (tensors follow)."""
     import gguf
 
-    cfg = hf.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
@@ -29,6 +29,12 @@ def write_gguf(path, hf) -> None:
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    return writer
+
+
+def write_gguf(path, hf) -> None:
+    cfg = hf.config
+    writer = gguf_writer(path, cfg, "llama")
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -99,16 +105,7 @@ def write_kquant_gguf(path, hf) -> dict:
     from kquants import quantize_q4_k, quantize_q6_k
 
     cfg = hf.config
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    writer = gguf_writer(path, cfg, "qwen2")
     gguf_names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                   "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                   "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
