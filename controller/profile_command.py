@@ -83,17 +83,22 @@ def _p95(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, int(0.95 * len(values)))]
 
 
-def _latency(llm, prompts: list, max_tokens: int) -> dict:
-    """Batch 1: TTFT as a one-token request; TPOT = (latency - TTFT) / (tokens - 1), per prompt."""
+def latency_figures(llm, prompts: list, max_tokens: int | list[int]) -> dict:
+    """Batch 1: TTFT as a one-token request; TPOT = (latency - TTFT) / (tokens - 1), per prompt.
+
+    `max_tokens`: one length for every prompt, or one per prompt (live profiling keeps each
+    mirrored request's own length). Shared by `helios profile` and controller/live_profile.py.
+    """
     from helios.sampling_params import SamplingParams
 
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     ttfts, tpots, latencies = [], [], []
-    for prompt in prompts:
+    for prompt, length in zip(prompts, lengths):
         _, ttft = _timed(llm, [prompt], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        _, latency = _timed(llm, [prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        _, latency = _timed(llm, [prompt], SamplingParams(max_tokens=length, temperature=0, ignore_eos=True))
         ttfts.append(ttft)
         latencies.append(latency)
-        tpots.append(max(0.0, latency - ttft) / max(1, max_tokens - 1))
+        tpots.append(max(0.0, latency - ttft) / max(1, length - 1))
     return {"ttft_s": statistics.mean(ttfts), "ttft_p95_s": _p95(ttfts), "tpot_s": statistics.mean(tpots),
             "tpot_p95_s": _p95(tpots), "latency_s": statistics.mean(latencies)}
 
@@ -128,35 +133,46 @@ def _memory(llm) -> dict:
             "kv_bytes_per_token_per_layer": kv_bytes_per_token(1, arch.num_kv_heads, arch.head_dim, dtype_bytes)}
 
 
+def greedy_run(llm, prompts: list, params) -> tuple[list, dict, float]:
+    """Generate `prompts` together (`params`: one SamplingParams, or one per prompt); return the
+    outputs, their exit distribution and breach share, and the seconds taken.
+    Shared by `helios profile` and controller/live_profile.py."""
+    from controller.quality import exit_distribution
+
+    stats = llm.engine.stats
+    breaches, tokens = stats.confidence_breaches, stats.generation_tokens
+    outputs, seconds = _timed(llm, prompts, params)
+    generated = stats.generation_tokens - tokens
+    figures = {"exit_distribution": exit_distribution([o.exit_layers for o in outputs]),
+               "breach_share": (stats.confidence_breaches - breaches) / generated if generated else 0.0}
+    return outputs, figures, seconds
+
+
 def _measure(llm, settings: Settings, full: DepthRun | None) -> DepthRun:
     """One depth: quality and exits on greedy replies, then speed."""
-    from controller.quality import answer_accuracy, exit_distribution, token_agreement
+    from controller.quality import answer_accuracy, token_agreement
     from helios.sampling_params import SamplingParams
 
     prompts = _as_prompts(llm, settings.prompts)
-    stats = llm.engine.stats
-    breaches, tokens = stats.confidence_breaches, stats.generation_tokens
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=settings.max_tokens, temperature=0))
-    generated = stats.generation_tokens - tokens
+    outputs, figures, _ = greedy_run(llm, prompts, SamplingParams(max_tokens=settings.max_tokens, temperature=0))
     token_ids = [o.token_ids for o in outputs]
-    figures = {"exit_distribution": exit_distribution([o.exit_layers for o in outputs]),
-               "breach_share": (stats.confidence_breaches - breaches) / generated if generated else 0.0,
-               "agreement": token_agreement(token_ids, full.token_ids) if full else 1.0}
+    figures["agreement"] = token_agreement(token_ids, full.token_ids) if full else 1.0
     run = DepthRun(figures, token_ids, [o.text for o in outputs])
     if settings.answer_prompts:
         replies = llm.generate(_as_prompts(llm, settings.answer_prompts),
                                SamplingParams(max_tokens=settings.answer_max_tokens, temperature=0))
         run.answer_texts = [o.text for o in replies]
         figures["task_accuracy"] = answer_accuracy(run.answer_texts, settings.answers)
-    figures.update(_latency(llm, prompts[: max(1, min(len(prompts), 5))], settings.max_tokens))
+    figures.update(latency_figures(llm, prompts[: max(1, min(len(prompts), 5))], settings.max_tokens))
     figures["throughput"] = _throughput(llm, prompts, settings.batch_sizes, settings.max_tokens)
     return run
 
 
-def _engine_options(candidate, settings: Settings) -> dict:
+def engine_options(candidate, kv_cache_memory: int) -> dict:
+    """LLM keyword options for a candidate, less the depth (the caller's) and with its own KV cache."""
     engine = candidate.engine_config()
     options = {k: v for k, v in vars(engine).items() if k not in ("model", "max_layers", "kv_cache_memory")}
-    return {**options, "kv_cache_memory": settings.kv_cache_memory}
+    return {**options, "kv_cache_memory": kv_cache_memory}
 
 
 def _run_depth(llm, candidate_id: str, depth: int, settings: Settings, full: DepthRun | None) -> DepthRun:
@@ -173,7 +189,7 @@ def profile_candidate(candidate, settings: Settings) -> tuple[dict, dict[int, De
     """(the candidate's repository entry without its depths, each depth's run); full depth always included."""
     from helios import LLM
 
-    options = _engine_options(candidate, settings)
+    options = engine_options(candidate, settings.kv_cache_memory)
     llm = LLM(candidate.source, **options)  # full depth first: its size, and the reference for the prefixes
     entry = {"source": candidate.source, **_memory(llm)}
     num_layers = entry["num_layers"]
@@ -188,8 +204,12 @@ def profile_candidate(candidate, settings: Settings) -> tuple[dict, dict[int, De
     return entry, runs
 
 
-def _words(texts: list[str]) -> list[list[str]]:
-    return [t.split() for t in texts]
+def word_agreement(texts: list[str], references: list[str]) -> float:
+    """Token agreement over whitespace words: candidates with different tokenizers compare.
+    Shared by `helios profile` and controller/live_profile.py."""
+    from controller.quality import token_agreement
+
+    return token_agreement([t.split() for t in texts], [r.split() for r in references])
 
 
 def _reference(chosen: str | None, entries: dict, runs: dict) -> str:
@@ -205,21 +225,20 @@ def _reference(chosen: str | None, entries: dict, runs: dict) -> str:
 
 
 def build_repository(slo, settings: Settings, reference: str | None, command: str, machine: str):
-    from controller.quality import token_agreement
     from controller.repository import parse_repository
 
     entries, runs = {}, {}
     for candidate in slo.candidates:
         entries[candidate.id], runs[candidate.id] = profile_candidate(candidate, settings)
     reference = _reference(reference, entries, runs)
-    reference_words = _words(runs[reference][entries[reference]["num_layers"]].texts)
+    reference_texts = runs[reference][entries[reference]["num_layers"]].texts
     for cid, entry in entries.items():
         per_layer = entry["kv_bytes_per_token_per_layer"]
         entry["depths"] = {}
         for depth, run in runs[cid].items():
             weights = entry["weight_bytes_shared"] + sum(entry["weight_bytes_per_layer"][:depth])
             entry["depths"][depth] = {**run.figures, "weight_bytes": weights, "kv_bytes_per_token": per_layer * depth,
-                                      "reference_agreement": token_agreement(_words(run.texts), reference_words)}
+                                      "reference_agreement": word_agreement(run.texts, reference_texts)}
     settings_record = {"prompts": len(settings.prompts), "max_tokens": settings.max_tokens,
                        "batch_sizes": settings.batch_sizes, "answer_prompts": len(settings.answer_prompts)}
     return parse_repository({"command": command, "machine": machine, "reference": reference,
