@@ -134,6 +134,10 @@ class AuthConfig(_Strict):
 
     api_keys_file: str | None = None
     admin_routes: bool = False  # /admin/... (engine state per model), under HELIOS_ADMIN_KEY
+    # PREFIX/controller: the HELIOS controller's state and performance history (decisions and live
+    # profiles; `?limit=`), under HELIOS_ADMIN_KEY, outside the OpenAPI schema; None = off (404).
+    # `helios serve slo.yaml` sets it from the SLO's `admin` (route_prefix when enabled)
+    controller_routes: str | None = Field(None, pattern=r"^/[A-Za-z0-9._\-/]*[A-Za-z0-9._\-]$")
 
 
 class ServeConfig(_Strict):
