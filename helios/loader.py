@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -109,10 +110,8 @@ class _SafetensorsFolder:
 class _GGUFFile:
     """Tensors of a GGUF file, dequantized one at a time and renamed to Hugging Face names."""
 
-    def __init__(self, path: Path, arch: ModelArch):
-        from gguf import GGUFReader
-
-        self.reader = GGUFReader(path)
+    def __init__(self, reader: Any, arch: ModelArch):
+        self.reader = reader
         gguf_arch = self.reader.fields["general.architecture"].contents()
         layer_names = _GGUF_LAYER_GEMMA3 if gguf_arch == "gemma3" else _GGUF_LAYER
         self.tensors = {}
@@ -143,17 +142,53 @@ class _GGUFFile:
         return data
 
 
-def _open_weights(path: Path, arch: ModelArch) -> Callable[[str], torch.Tensor | None]:
+def _open_weights(path: Path, arch: ModelArch, gguf_reader: Any = None) -> Callable[[str], torch.Tensor | None]:
     """Hugging Face tensor name -> its float tensor (None when absent), read on demand."""
-    return (_GGUFFile(path, arch) if path.is_file() else _SafetensorsFolder(path)).get
+    if not path.is_file():
+        return _SafetensorsFolder(path).get
+    return _GGUFFile(gguf_reader if gguf_reader is not None else _gguf_reader(path), arch).get
+
+
+def _gguf_reader(path: Path) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+@contextmanager
+def _one_gguf_parse(path: Path) -> Iterator[dict]:
+    """Parse a GGUF file's header once for transformers' config reader and for the weights.
+
+    transformers builds a llama/qwen2/gemma3 config from a GGUF with gguf's `GGUFReader`, which
+    reads every metadata field (Qwen2's 152k-token vocabulary: about 10 s of CPU); the weights
+    need a reader too. While this is open, a `GGUFReader` of `path` made anywhere in the process
+    is made once and shared; yields {"reader": it} once made (other files are read as usual).
+    """
+    import gguf
+
+    original, shared, key = gguf.GGUFReader, {}, path.resolve()
+
+    def reader(file, *args, **kwargs):
+        if Path(file).resolve() != key or args or kwargs:
+            return original(file, *args, **kwargs)
+        if "reader" not in shared:
+            shared["reader"] = original(file)
+        return shared["reader"]
+
+    gguf.GGUFReader = reader
+    try:
+        yield shared
+    finally:
+        gguf.GGUFReader = original
 
 
 def hf_weights(reference: str) -> tuple[object, Callable[[str], torch.Tensor | None]]:
     """A model's Hugging Face config and its tensors by Hugging Face name, as load_model reads
     them (GGUF dequantized, q/k rows unpermuted): lets another stack run the same weights."""
     path = resolve_model_path(reference)
-    config, _ = _read_config_and_tokenizer(path, load_tokenizer=False)
-    return config, _open_weights(path, ModelArch.from_hf_config(config))
+    with _one_gguf_parse(path) as parsed:
+        config, _ = _read_config_and_tokenizer(path, load_tokenizer=False)
+        return config, _open_weights(path, ModelArch.from_hf_config(config), parsed.get("reader"))
 
 
 def _read_config_and_tokenizer(path: Path, load_tokenizer: bool):
@@ -252,7 +287,8 @@ def load_model(
     `dtype` is a torch dtype, its name, or "auto" (see `auto_dtype`).
     """
     path = resolve_model_path(reference)
-    config, tokenizer = _read_config_and_tokenizer(path, load_tokenizer)
+    with _one_gguf_parse(path) as parsed:
+        config, tokenizer = _read_config_and_tokenizer(path, load_tokenizer)
     if dtype == "auto":
         dtype = auto_dtype(config, quantized=path.is_file(), device=device)
     elif isinstance(dtype, str):
@@ -262,7 +298,7 @@ def load_model(
     if not 1 <= num_layers <= arch.num_layers:
         raise ModelLoadError(f"max_layers={max_layers} is out of range: the model has {arch.num_layers} layers")
     try:
-        state = _state_dict(_open_weights(path, arch), arch, num_layers)
+        state = _state_dict(_open_weights(path, arch, parsed.get("reader")), arch, num_layers)
     except ModelLoadError:
         raise
     except Exception as exc:

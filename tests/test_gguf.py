@@ -175,3 +175,17 @@ def test_kquant_prefix_dequantizes_only_those_layers(kquant_gguf, monkeypatch):
     assert len(loaded.model.layers) == 2
     # embeddings, 2 layers x (5 Q4_K + 2 Q6_K matrices), output; float32 norms/biases: nothing of layers 2-3
     assert kinds.count("Q4_K") == 1 + 2 * 5 and kinds.count("Q6_K") == 2 * 2 + 1
+
+
+def test_a_gguf_header_is_parsed_once_per_load(tiny_gguf, monkeypatch):
+    """transformers' config reader and the weights share one GGUFReader (Qwen2's header alone
+    costs ~10 s of CPU to parse)."""
+    import gguf
+
+    path, _ = tiny_gguf
+    made = []
+    original = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda file, *a, **k: made.append(str(file)) or original(file, *a, **k))
+    load_model(str(path), load_tokenizer=False)
+    assert made == [str(path)]
+    assert gguf.GGUFReader is not original  # our patch is back in place: the loader restored what it found
