@@ -26,7 +26,8 @@ def gguf_writer(path, cfg, arch: str):
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters  # Gemma 3 keeps one per layer type; the GGUF holds the global layers' base
+    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope else rope["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     return writer
@@ -189,3 +190,60 @@ def test_a_gguf_header_is_parsed_once_per_load(tiny_gguf, monkeypatch):
     load_model(str(path), load_tokenizer=False)
     assert made == [str(path)]
     assert gguf.GGUFReader is not original  # our patch is back in place: the loader restored what it found
+
+
+# ---- Gemma 3 from GGUF: llama.cpp's gemma3 tensor names and its 1 + weight norms ----------------
+
+GEMMA3_GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+                     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+                     "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+                     "self_attn.k_norm.weight": "attn_k_norm.weight",
+                     "post_attention_layernorm.weight": "post_attention_norm.weight",
+                     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+                     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                     "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def write_gemma3_gguf(path, hf) -> None:
+    """As llama.cpp's converter writes Gemma 3: its names, norms stored as 1 + weight, no q/k permutation."""
+    cfg = hf.config
+    writer = gguf_writer(path, cfg, "gemma3")
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_sliding_window(cfg.sliding_window)
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"] + 1)
+    for i in range(cfg.num_hidden_layers):
+        for hf_name, gguf_name in GEMMA3_GGUF_NAMES.items():
+            value = sd[f"model.layers.{i}.{hf_name}"]
+            writer.add_tensor(f"blk.{i}.{gguf_name}", value + 1 if hf_name.endswith("norm.weight") else value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gemma3_gguf_logits_equal_transformers(tmp_path):
+    """A tiny Gemma 3 written as llama.cpp writes it: the model is built from the config transformers
+    reads back from that GGUF (its layer pattern and defaults), with random weights and norms far
+    from zero so a missed `1 + weight` shift shows."""
+    from transformers import AutoConfig, Gemma3ForCausalLM
+
+    from test_gemma3 import run_and_compare_logits
+    from tiny_models import tiny_config
+
+    header = tiny_config("gemma3", num_hidden_layers=6, layer_types=None)  # Gemma's default: 5 local, 1 global
+    path = tmp_path / "tiny-gemma3.gguf"
+    write_gemma3_gguf(path, Gemma3ForCausalLM(header))  # only the header is kept from this one
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name, local_files_only=True)
+    torch.manual_seed(0)
+    hf = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    path.unlink()
+    write_gemma3_gguf(path, hf)
+    run_and_compare_logits(path, hf, [5, 6, 7, 8, 9, 10], max_tokens=6)  # prefill and decode logits
