@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from deployments.config import ServeConfig, load_config, parse_config
+from deployments.config import ModelConfig, ServeConfig, load_config, parse_config
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
 
@@ -21,6 +21,13 @@ def server_name(model_id: str) -> str:
     return f"LLMServer:{model_id.replace('/', '--')}"
 
 
+def replica_count(model: ModelConfig) -> dict:
+    """Serve's options for how many replicas: fixed, or autoscaled (Serve refuses both at once)."""
+    if model.autoscaling is not None:
+        return {"autoscaling_config": model.autoscaling.serve_options()}
+    return {"num_replicas": model.replicas}
+
+
 def build_app_from_config(config: ServeConfig) -> Application:
     servers = {}
     for model in config.models:
@@ -28,7 +35,7 @@ def build_app_from_config(config: ServeConfig) -> Application:
         if model.num_gpus:
             actor_options["num_gpus"] = model.num_gpus
         servers[model.id] = LLMServer.options(
-            name=server_name(model.id), num_replicas=model.replicas, ray_actor_options=actor_options,
+            name=server_name(model.id), **replica_count(model), ray_actor_options=actor_options,
             max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
         ).bind(model)
     ingress = config.ingress

@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from helios.config import EngineConfig
 from helios.config import DEFAULT_MODEL
+from deployments.autoscaling import POLICY_PATH
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -62,11 +64,46 @@ class HTTPConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)  # its port
 
 
+class AutoscalingConfig(_Strict):
+    """Serve's autoscaling of one model's replicas, between `min_replicas` and `max_replicas` (set it
+    instead of a fixed `replicas`). A change must be wanted for the whole delay before Serve acts."""
+
+    # never fewer; no scale to zero: a replica loads its model before it serves the first request
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)  # never more; each needs its num_cpus / num_gpus free on some node
+    # ongoing requests per replica (running + waiting in the engine + queued in Serve) to size for:
+    # well under max_ongoing_requests, so that a replica is added before requests queue
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    # `helios`: scale on the worse of load (as Serve's) and recent p95 time to first token over
+    # target_ttft_s, shrink only with margin (deployments/autoscaling.py); `default`: Serve's, load only
+    policy: Literal["helios", "default"] = "helios"
+    target_ttft_s: float = Field(2.0, gt=0)  # `helios` policy: the time to first token to stay under
+    upscale_delay_s: float = Field(30.0, ge=0)  # how long more replicas must be wanted before one is added
+    downscale_delay_s: float = Field(600.0, ge=0)  # how long fewer must be wanted before one is stopped
+    look_back_period_s: float = Field(30.0, gt=0)  # the window Serve averages the signals over
+    # how often replicas and handles send their signals to Serve's controller
+    metrics_interval_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+    def serve_options(self) -> dict:
+        """Serve's `autoscaling_config` for these settings."""
+        options = self.model_dump(exclude={"policy", "target_ttft_s"})
+        if self.policy == "helios":
+            options["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": {"target_ttft_s": self.target_ttft_s}}
+        return options
+
+
 class ModelConfig(_Strict):
     id: str = Field(DEFAULT_MODEL, min_length=1, pattern=r"^[A-Za-z0-9._\-/:]+$")  # what clients send as "model"
     source: str = DEFAULT_MODEL  # alias, Hugging Face folder or GGUF file
     engine: EngineConfig = Field(default_factory=EngineConfig)  # every option but `model` (that is `source`)
     replicas: int = Field(1, ge=1)  # Serve replicas of this model, one engine each
+    autoscaling: AutoscalingConfig | None = None  # instead of a fixed `replicas` (below)
     num_cpus: float = Field(1.0, ge=0)  # CPUs reserved per replica; torch uses this many threads
     num_gpus: float = Field(0.0, ge=0)  # GPUs reserved per replica (on KubeRay: the GPU worker group)
     # per replica: requests in flight (running + waiting in the engine); beyond that they queue in
@@ -79,6 +116,15 @@ class ModelConfig(_Strict):
     # under load, chunks grow so that a replica sends about this many per engine step in all
     # (ceil(running / this) tokens each, never fewer than stream_interval); 0 = off
     stream_chunks_per_step: int = Field(8, ge=0)
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _fixed_or_autoscaled(cls, autoscaling: AutoscalingConfig | None, info: ValidationInfo) -> Any:
+        replicas = info.data.get("replicas", 1)
+        if autoscaling is not None and replicas > 1:
+            raise ValueError(f"set either replicas ({replicas}, fixed) or autoscaling "
+                             f"(min_replicas..max_replicas), not both")
+        return autoscaling
 
     @model_validator(mode="before")
     @classmethod

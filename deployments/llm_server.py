@@ -8,6 +8,7 @@ from typing import AsyncIterator
 import torch
 from ray import serve
 
+from deployments.autoscaling import TTFT_METRIC, TTFTWindow
 from deployments.config import ModelConfig
 from helios.async_engine import AsyncLLMEngine
 from helios.engine import LLMEngine
@@ -40,6 +41,9 @@ class LLMServer:
                                       model.engine.exit_policy)
         self.engine = AsyncLLMEngine(engine, on_step=self.metrics.observe_step)
         self.created = int(time.time())
+        # the autoscaling policy's latency signal, over the window Serve averages it over
+        window_s = model.autoscaling.look_back_period_s if model.autoscaling is not None else 30.0
+        self.ttft_window = TTFTWindow(window_s)
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[dict]:
         """Stream one request as deltas (see `_delta`); the first item is {"error": ...} for bad input.
@@ -49,9 +53,12 @@ class LLMServer:
         """
         start, first_token_at = time.monotonic(), None
         stream = self.engine.generate(prompt, params, tokens_per_output=self._tokens_per_chunk)
+        ttft_key = self.ttft_window.started()
         try:
             async for out in stream:
-                first_token_at = first_token_at or time.monotonic()
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                    self.ttft_window.first_token(ttft_key)
                 yield self._delta(out)
                 if out.finished:
                     self.metrics.observe_request(first_token_at - start, time.monotonic() - start,
@@ -59,6 +66,7 @@ class LLMServer:
         except (ValueError, TypeError) as exc:  # raised by validation, before anything was queued
             yield {"error": str(exc)}
         finally:
+            self.ttft_window.ended(ttft_key)
             await stream.aclose()
 
     def _tokens_per_chunk(self) -> int:
@@ -96,6 +104,12 @@ class LLMServer:
         engine = self.engine.engine
         return {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
                 "free_blocks": len(engine.blocks.free_blocks), "num_blocks": engine.blocks.num_blocks}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics API: called on each replica every metrics interval
+        when the model autoscales; the `helios` policy reads the TTFT signal from it. (Async: it
+        runs on the event loop that `generate` updates the window from.)"""
+        return {TTFT_METRIC: self.ttft_window.value()}
 
     def check_health(self) -> None:
         if self.engine.failed is not None:

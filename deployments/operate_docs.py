@@ -1,6 +1,6 @@
 """The generated parts of docs/operate.md: the serving-config reference (from the pydantic schemas
-in deployments/config.py and helios.config.EngineConfig) and the metric reference (from
-telemetry/metrics.py).
+in deployments/config.py and helios.config.EngineConfig), the metric reference (from
+telemetry/metrics.py) and the autoscaling policy (from deployments/autoscaling.py).
 
     python -m deployments.operate_docs --write docs/operate.md    # refresh the generated blocks
     python -m deployments.operate_docs                            # print them
@@ -26,7 +26,8 @@ from deployments.config import ServeConfig
 from helios.config import EngineConfig
 from telemetry.metrics import METRICS
 
-BLOCKS = {"config-reference": lambda: config_reference(), "metrics-reference": lambda: metrics_reference()}
+BLOCKS = {"config-reference": lambda: config_reference(), "metrics-reference": lambda: metrics_reference(),
+          "autoscaling-policy": lambda: autoscaling_policy()}
 _FIELD_LINE = re.compile(r"^    (\w+)\s*:")
 
 
@@ -133,6 +134,17 @@ def metrics_reference() -> str:
         out.append(f"| `{metric.series}` | {metric.kind} | {', '.join(metric.labels)} | {metric.source} | "
                    f"{_cell(metric.help)} |")
     return "\n".join(out) + "\n"
+
+
+def autoscaling_policy() -> str:
+    """The `helios` policy as deployments/autoscaling.py describes it (its docstring up to the code
+    notes, then its constants), so the page says what the code does."""
+    from deployments import autoscaling
+
+    paragraphs = inspect.cleandoc(autoscaling.__doc__).split("\n\n")
+    prose = [p for p in paragraphs[1:] if not p.startswith("`desired_replicas`")]
+    constants = ", ".join(f"`{name}` = {getattr(autoscaling, name)}" for name in ("DOWNSCALE_FILL", "DOWNSCALE_TTFT"))
+    return "\n\n".join(prose) + f"\n\nIn the code: {constants}; the replicas report `{autoscaling.TTFT_METRIC}`.\n"
 
 
 def fill(page: str) -> str:
