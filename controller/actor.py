@@ -1,5 +1,9 @@
 """The controller as a named Ray actor: fed StepStats, it reassesses and switches.
 
+Replicas send it their engine steps in batches (deployments/stats_forwarder.py); a decision is
+written to the history, then applied by a background thread (controller/applier.py), so stats
+and `current()` are answered during the tens of seconds a redeploy takes.
+
 Ray restarts it if it dies (`max_restarts=-1`); the new incarnation runs __init__ again with the
 same arguments and resumes from the history file (controller/history.py), so it neither
 redeploys nor forgets its last decision. Serving does not depend on it: replicas keep serving
@@ -15,10 +19,13 @@ from typing import Callable
 import ray
 
 from controller import history
+from controller.applier import Applier
+from controller.metrics import ControllerMetrics
 from controller.observe import BreachWindow, IntervalStats
 from controller.reassess import ControllerState, Decision, reassess, start
 from controller.repository import Repository
 from controller.slo import SLOConfig
+from controller.switcher import tag as switcher_tag
 from helios.stats import StepStats
 
 logger = logging.getLogger("helios.controller")
@@ -33,29 +40,70 @@ class Controller:
     def __init__(self, slo: SLOConfig, repository: Repository, apply: Apply | None = None):
         self.slo, self.repository, self.apply = slo, repository, apply
         self.lock = threading.Lock()
-        resumed = history.resume_state(history.read(slo.history))
+        self.ignored_steps = 0  # from replicas of an earlier choice (still draining)
+        self.metrics = ControllerMetrics(slo.model) if ray.is_initialized() else None
+        records = history.read(slo.history)
+        resumed = history.resume_state(records)
         if resumed is None:
             decision, self.state = start(slo, repository)
-            self._record(decision, apply_now=True)
+            self.applier = self._applier(None)
+            self._record(decision)
         else:
             self.state = resumed
-            logger.info("resumed from %s: %s at %d layers, %d requests", slo.history, resumed.candidate,
-                        resumed.depth, resumed.requests)
+            deployed = history.applied_after_last_change(records)
+            logger.info("resumed from %s: %s at %d layers, %d requests%s", slo.history, resumed.candidate,
+                        resumed.depth, resumed.requests, "" if deployed else " (applying it again)")
+            self.applier = self._applier(self._target() if deployed else None)
+            if deployed and self.metrics is not None:
+                self.metrics.serving(*self._target())
+            else:
+                self.applier.submit(self._target())  # died during that redeploy: finish it
         self._new_interval()
+
+    def _target(self) -> tuple[str, int]:
+        return self.state.candidate, self.state.depth
+
+    def _applier(self, applied: tuple[str, int] | None) -> Applier:
+        def deploy(candidate: str, depth: int) -> None:
+            if self.apply is not None:
+                self.apply(self.slo, self.repository, candidate, depth)
+
+        return Applier(deploy, self._applied, applied)
+
+    def _applied(self, target: tuple[str, int], seconds: float) -> None:
+        """In the applier's thread, once a redeploy is done."""
+        with self.lock:
+            history.record_applied(self.slo.history, *target, seconds)
+        logger.info("applied %s@%d in %.1f s", *target, seconds)
+        if self.metrics is not None:
+            self.metrics.serving(*target)
 
     def _new_interval(self) -> None:
         self.window = BreachWindow(self.slo.breach_window.tokens)
         self.interval = IntervalStats(self.state.depth)
 
-    def _record(self, decision: Decision, apply_now: bool) -> None:
+    def _record(self, decision: Decision) -> None:
+        """History first, then (for a change) the redeploy, in the background."""
         history.record_decision(self.slo.history, decision)
         logger.info("decision: %s %s@%d (%s)", decision.action, decision.candidate, decision.depth, decision.reason)
-        if apply_now and self.apply is not None:
-            self.apply(self.slo, self.repository, decision.candidate, decision.depth)
+        if decision.changed:
+            if self.metrics is not None and decision.action != "start":
+                self.metrics.switched(decision.reason)
+            self.applier.submit((decision.candidate, decision.depth))
 
-    def observe(self, steps: list[StepStats]) -> dict | None:
-        """Feed engine steps of the serving replica; returns the decision when one was taken."""
+    def observe(self, steps: list[StepStats], tag: str | None = None) -> dict | None:
+        """Feed engine steps of the serving replicas; returns the decision when one was taken.
+
+        `tag`: the choice the sending replica serves (controller/switcher.py); steps of any other
+        choice (replicas still draining after a change) describe what no longer serves and are
+        ignored. None: take them (direct calls, tests).
+        """
         with self.lock:
+            if self.metrics is not None:
+                self.metrics.refresh()
+            if tag is not None and tag != switcher_tag(*self._target()):
+                self.ignored_steps += len(steps)
+                return None
             for step in steps:
                 self.window.observe(step)
                 self.interval.observe(step)
@@ -64,13 +112,21 @@ class Controller:
                 return None
             decision, self.state = reassess(self.slo, self.repository, self.state, self.interval, self.window.count,
                                             "breaches" if over else "interval")
-            self._record(decision, apply_now=decision.changed)
+            self._record(decision)
             self._new_interval()
             return decision.to_dict()
 
+    def deploy(self) -> None:
+        """Deploy the current choice even if the history says it runs (a fresh `helios serve` over an
+        old history file: the new Serve instance runs nothing yet)."""
+        self.applier.submit(self._target(), force=True)
+
     def current(self) -> dict:
-        return {"candidate": self.state.candidate, "depth": self.state.depth, "requests": self.state.requests,
-                "breaches_in_window": self.window.count}
+        """The choice (candidate, depth), requests seen, breaches in the window, and the deployment:
+        `applied` (what runs), `applying` (a redeploy under way), `pending` (the next one), `apply_error`."""
+        with self.lock:
+            return {"candidate": self.state.candidate, "depth": self.state.depth, "requests": self.state.requests,
+                    "breaches_in_window": self.window.count, **self.applier.state()}
 
     def history(self, limit: int = 100) -> list[dict]:
         return history.read(self.slo.history)[-limit:]

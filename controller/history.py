@@ -1,9 +1,12 @@
 """The controller's history: one JSON object per line, appended, read back after a restart.
 
-Each line is {"kind": "decision", ...Decision.to_dict()} (live profiles will add
-{"kind": "profile", ...}). A restarted controller takes its state from the last decision: what
-is served, the request count, and when the last change happened; the breach window and the
-interval figures start empty (they describe traffic the restart missed anyway).
+Each line is {"kind": "decision", ...Decision.to_dict()}, written before the decision is
+applied, or {"kind": "applied", candidate, depth, seconds}, written once its redeploy is done
+(live profiles add {"kind": "profile", ...}). A restarted controller takes its state from the
+last decision: what is served, the request count, and when the last change happened; the
+breach window and the interval figures start empty (they describe traffic the restart missed
+anyway). A change decided but not recorded as applied (the controller died during the redeploy)
+is applied again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,24 @@ def read(path: str | Path) -> list[dict]:
 
 def record_decision(path: str | Path, decision: Decision) -> None:
     append(path, "decision", decision.to_dict())
+
+
+def record_applied(path: str | Path, candidate: str, depth: int, seconds: float) -> None:
+    append(path, "applied", {"candidate": candidate, "depth": depth, "seconds": round(seconds, 3)})
+
+
+def applied_after_last_change(records: list[dict]) -> bool:
+    """Whether the last decision that changed what is served (or the start) was applied after it."""
+    last_change = None
+    for index, record in enumerate(records):
+        if record.get("kind") == "decision" and (record["candidate"], record["depth"]) != (
+                record["previous_candidate"], record["previous_depth"]):
+            last_change = index
+    if last_change is None:
+        return True
+    target = (records[last_change]["candidate"], records[last_change]["depth"])
+    return any(r.get("kind") == "applied" and (r["candidate"], r["depth"]) == target
+               for r in records[last_change + 1:])
 
 
 def resume_state(records: list[dict]) -> ControllerState | None:

@@ -9,7 +9,8 @@ replicas before starting replacements". Requests are not refused then (Serve's r
 them until a replica is up) but they wait for the whole start-up of the new engine: measured
 on two tiny models here, the slowest request during a switch took 18.9 s of a 19.5 s switch,
 against 1.1 s with surge (2 client threads, every other request streamed; zero failures either
-way; tests/test_controller_switch.py checks the bound). The switcher therefore deploys every deployment of the app with
+way; tests/test_controller_switch.py checks the bound). The switcher therefore deploys every
+deployment of the app (ModelConfig's and IngressConfig's fields of the same names) with
 `max_surge_percent=100` ("old replicas keep serving until replacements are ready"): the new
 replica starts and passes its health check, traffic moves to it, and the old one is stopped
 gracefully, finishing its in-flight requests and streams for up to `graceful_shutdown_timeout_s`.
@@ -22,67 +23,63 @@ import dataclasses
 import time
 
 from ray import serve
-from ray.serve import Application
 
 from controller.memory import kv_cache_bytes
 from controller.repository import Repository
 from controller.slo import SLOConfig
 from deployments.app import build_app_from_config
-from deployments.config import ModelConfig, ServeConfig
+from deployments.config import AuthConfig, ControllerLink, ModelConfig, ServeConfig
 
 SURGE_PERCENT = 100  # a new replica per old one, started before the old one stops
 DRAIN_TIMEOUT_S = 120.0  # how long an old replica may take to finish its requests (streams included)
 
 
-def model_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int) -> ModelConfig:
-    """The serving entry for `candidate_id` at `depth`: public name, prefix load, and the KV cache
-    the memory budget leaves after the prefix's weights."""
+def tag(candidate_id: str, depth: int) -> str:
+    """What a replica serving this choice sends with its stats (the controller ignores other tags)."""
+    return f"{candidate_id}@{depth}"
+
+
+def model_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int,
+                     controller: ControllerLink | None = None) -> ModelConfig:
+    """The serving entry for `candidate_id` at `depth`: public name, prefix load, the KV cache the
+    memory budget leaves after the prefix's weights, surge-first rolling updates, and (`controller`)
+    where its replicas send their engine steps."""
     candidate = slo.candidate(candidate_id)
     kv_bytes = kv_cache_bytes(repository.candidates[candidate_id], depth, slo.memory_budget)
     engine = dataclasses.replace(candidate.engine, max_layers=depth, kv_cache_memory=kv_bytes)
-    fields = candidate.model_dump(exclude={"id", "depths", "engine"})
-    return ModelConfig(id=slo.model, engine=engine, **fields)
+    owned = {"id", "depths", "engine", "max_surge_percent", "graceful_shutdown_timeout_s", "controller"}
+    fields = candidate.model_dump(exclude=owned)
+    link = controller.model_copy(update={"tag": tag(candidate_id, depth)}) if controller else None
+    return ModelConfig(id=slo.model, engine=engine, max_surge_percent=SURGE_PERCENT,
+                       graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S, controller=link, **fields)
 
 
-def serve_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int) -> ServeConfig:
-    return ServeConfig(http=slo.http, ingress=slo.ingress,
-                       models=[model_config_for(slo, repository, candidate_id, depth)])
+def serve_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int,
+                     controller: ControllerLink | None = None) -> ServeConfig:
+    """The whole app for one choice; the ingress is replaced with the model (its config argument
+    names the model), so it starts surge-first and drains as well."""
+    ingress = slo.ingress.model_copy(update={"max_surge_percent": SURGE_PERCENT,
+                                             "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S})
+    # the controller's admin routes (its state and history) only where the SLO turns them on
+    routes = slo.admin.route_prefix.rstrip("/") if slo.admin.enabled else ""
+    auth = AuthConfig(controller_routes=routes or None)
+    return ServeConfig(http=slo.http, ingress=ingress, auth=auth,
+                       models=[model_config_for(slo, repository, candidate_id, depth, controller)])
 
 
-def surge_first(app: Application, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> Application:
-    """`app` with every deployment in it (the ingress too: its config argument changes with the
-    model, so it is replaced as well) set to start a replacement before stopping a replica, and to
-    drain for `drain_timeout_s`."""
-    deployment = app._bound_deployment  # Serve keeps no public accessor for a bound deployment
-
-    def rebind(value):
-        if isinstance(value, Application):
-            return surge_first(value, drain_timeout_s)
-        if isinstance(value, dict):
-            return {key: rebind(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(rebind(item) for item in value)
-        return value
-
-    return Application(deployment.options(
-        _init_args=rebind(tuple(deployment.init_args)), _init_kwargs=rebind(dict(deployment.init_kwargs)),
-        max_surge_percent=SURGE_PERCENT, graceful_shutdown_timeout_s=drain_timeout_s))
-
-
-def deploy(config: ServeConfig, app_name: str = "helios", route_prefix: str = "/",
-           drain_timeout_s: float = DRAIN_TIMEOUT_S) -> float:
+def deploy(config: ServeConfig, app_name: str = "helios", route_prefix: str = "/") -> float:
     """Deploy or update the app; return when every replica of the new version runs (seconds taken).
 
     serve.run waits for the application to be RUNNING, which during an update means the new
     replicas are up; the old ones may still be draining when it returns.
     """
     started = time.monotonic()
-    app = surge_first(build_app_from_config(config), drain_timeout_s)
-    serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_app_from_config(config), name=app_name, route_prefix=route_prefix, blocking=False)
     return time.monotonic() - started
 
 
 def switch(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int, app_name: str = "helios",
-           route_prefix: str = "/") -> float:
-    """Serve `candidate_id` at `depth` under the SLO's public model name."""
-    return deploy(serve_config_for(slo, repository, candidate_id, depth), app_name, route_prefix)
+           route_prefix: str = "/", controller: ControllerLink | None = None) -> float:
+    """Serve `candidate_id` at `depth` under the SLO's public model name (`controller`: where its
+    replicas send their engine steps; None: nowhere)."""
+    return deploy(serve_config_for(slo, repository, candidate_id, depth, controller), app_name, route_prefix)

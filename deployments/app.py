@@ -37,11 +37,13 @@ def build_app_from_config(config: ServeConfig) -> Application:
         servers[model.id] = LLMServer.options(
             name=server_name(model.id), **replica_count(model), ray_actor_options=actor_options,
             max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
+            max_surge_percent=model.max_surge_percent, graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
         ).bind(model)
     ingress = config.ingress
     return OpenAIIngress.options(
         num_replicas=ingress.replicas, ray_actor_options={"num_cpus": ingress.num_cpus},
         max_ongoing_requests=10_000,  # the ingress only forwards; the models' queues do the bounding
+        max_surge_percent=ingress.max_surge_percent, graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,
     ).bind(servers, config)
 
 

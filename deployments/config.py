@@ -98,6 +98,14 @@ class AutoscalingConfig(_Strict):
         return options
 
 
+class ControllerLink(_Strict):
+    """Where a replica sends its engine steps (set by the controller's switcher, not by hand)."""
+
+    actor: str = "helios-controller"  # the controller's named Ray actor
+    namespace: str = "helios"  # its Ray namespace
+    tag: str = ""  # sent with every batch: the choice (candidate@depth) this replica serves
+
+
 class ModelConfig(_Strict):
     id: str = Field(DEFAULT_MODEL, min_length=1, pattern=r"^[A-Za-z0-9._\-/:]+$")  # what clients send as "model"
     source: str = DEFAULT_MODEL  # alias, Hugging Face folder or GGUF file
@@ -116,6 +124,13 @@ class ModelConfig(_Strict):
     # under load, chunks grow so that a replica sends about this many per engine step in all
     # (ceil(running / this) tokens each, never fewer than stream_interval); 0 = off
     stream_chunks_per_step: int = Field(8, ge=0)
+    # rolling updates (a redeploy with a new source or depth): extra replicas, as a percentage of
+    # `replicas`, started and warm before old ones stop (0, Serve's default: stop first, then start)
+    max_surge_percent: int = Field(0, ge=0, le=100)
+    # how long a replica being replaced or stopped may take to finish its requests and streams
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    # set when a HELIOS controller serves this model: the replicas send it their engine steps
+    controller: ControllerLink | None = None
 
     @field_validator("autoscaling")
     @classmethod
@@ -155,6 +170,10 @@ class IngressConfig(_Strict):
     # on Ctrl-C/SIGTERM of `helios serve`: new requests get 503, in-flight ones get this long to finish,
     # then the rest end with an error (streams: an error event, then [DONE])
     shutdown_grace_s: float = Field(5.0, ge=0, le=600)
+    # rolling updates of the ingress (it is replaced with any model, whose config it is given):
+    # extra replicas, as a percentage, started and warm before old ones stop (0: stop first)
+    max_surge_percent: int = Field(0, ge=0, le=100)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)  # how long a replaced ingress replica may drain
 
 
 class LimitsConfig(_Strict):

@@ -15,7 +15,9 @@ from helios.engine import LLMEngine
 from helios.inputs import Prompt
 from helios.outputs import RequestOutput
 from helios.sampling_params import SamplingParams
+from helios.stats import StepStats
 from deployments.metrics import ServingMetrics
+from deployments.stats_forwarder import StatsForwarder
 
 
 def tokens_per_chunk(stream_interval: int, running: int, chunks_per_step: int) -> int:
@@ -39,7 +41,9 @@ class LLMServer:
         engine = LLMEngine(model.engine_config())
         self.metrics = ServingMetrics(model.id, model.source, engine.num_loaded_layers, engine.arch.num_layers,
                                       model.engine.exit_policy)
-        self.engine = AsyncLLMEngine(engine, on_step=self.metrics.observe_step)
+        # under a HELIOS controller the steps also go to it, in batches sent by a thread of their own
+        self.forwarder = StatsForwarder(model.controller) if model.controller is not None else None
+        self.engine = AsyncLLMEngine(engine, on_step=self._on_step)
         self.created = int(time.time())
         # the autoscaling policy's latency signal, over the window Serve averages it over
         window_s = model.autoscaling.look_back_period_s if model.autoscaling is not None else 30.0
@@ -68,6 +72,11 @@ class LLMServer:
         finally:
             self.ttft_window.ended(ttft_key)
             await stream.aclose()
+
+    def _on_step(self, stats: StepStats) -> None:  # in the engine thread: records and appends only
+        self.metrics.observe_step(stats)
+        if self.forwarder is not None:
+            self.forwarder.observe(stats)
 
     def _tokens_per_chunk(self) -> int:
         return tokens_per_chunk(self.model.stream_interval, self.engine.num_running, self.model.stream_chunks_per_step)

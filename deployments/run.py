@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import time
+from typing import Callable
 
 import ray
 from ray import serve
@@ -19,8 +20,12 @@ logger = logging.getLogger("helios.serve")
 APP_NAME = "helios"
 
 
-def start(config: ServeConfig) -> str:
-    """Deploy `config` and wait until every model replica is up; return the base URL."""
+def start(config: ServeConfig, deploy: Callable[[], None] | None = None) -> str:
+    """Deploy `config` and wait until every model replica is up; return the base URL.
+
+    `deploy` replaces the deployment of `config`'s models (the HELIOS controller deploys its own
+    choice: controller/serve.py); Ray, Serve's HTTP options and the proxies' niceness stay as here.
+    """
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
@@ -31,10 +36,15 @@ def start(config: ServeConfig) -> str:
             os.environ.setdefault("RAY_worker_niceness", "0")
             if _is_loopback(config.http.host):
                 _keep_ray_on_loopback()
-            ray.init(include_dashboard=False, _metrics_export_port=config.metrics_export_port)
+            # address="local": a new instance even when another Ray runs on this machine (without it,
+            # ray.init joins the one last started here, whoever started it)
+            ray.init(address="local", include_dashboard=False, _metrics_export_port=config.metrics_export_port)
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     logger.info("loading %d model(s): %s", len(config.models), ", ".join(m.id for m in config.models))
-    serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/", blocking=False)
+    if deploy is None:
+        serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/", blocking=False)
+    else:
+        deploy()
     for proxy in local_processes("ray::ProxyActor"):  # the HTTP proxy steps back as the ingress does
         step_back(proxy, config.ingress.niceness)
     return f"http://{config.http.host}:{config.http.port}"
@@ -75,12 +85,17 @@ def _interrupt(*_) -> None:
 PROXY_FLUSH_S = 1.0  # seen needed under load: at once, a cut stream sometimes lost its last bytes
 
 
-def serve_forever(config: ServeConfig) -> None:
-    """Serve until Ctrl-C or SIGTERM, then shut Serve and Ray down cleanly."""
+def serve_forever(config: ServeConfig, starter: Callable[[ServeConfig], str] = start,
+                  before_drain: Callable[[], None] | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, then shut Serve and Ray down cleanly.
+
+    `starter` brings the service up (default: `start`); `before_drain` runs first on shutdown
+    (the controller is stopped there, so that no switch replaces the draining ingress).
+    """
     for signum in (signal.SIGINT, signal.SIGTERM):  # explicit: SIGINT may arrive ignored in a background job
         signal.signal(signum, _interrupt)
     try:
-        url = start(config)
+        url = starter(config)
         print(f"Helios is serving {', '.join(m.id for m in config.models)} at {url}/v1 "
               f"(metrics: http://127.0.0.1:{config.metrics_export_port}/metrics); Ctrl-C stops it.", flush=True)
         while True:
@@ -89,6 +104,8 @@ def serve_forever(config: ServeConfig) -> None:
         started = time.monotonic()
         print(f"shutting down: in-flight requests get {config.ingress.shutdown_grace_s:g} s", flush=True)
         try:
+            if before_drain is not None:
+                before_drain()
             cut = drain(config.ingress.shutdown_grace_s)["cut"]
             print(f"drained: {cut} request(s) cut", flush=True)
             if cut:  # the ingress has sent the cut streams' last events; the HTTP proxy, a process of its

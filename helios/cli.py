@@ -27,9 +27,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # Ray lives outside the engine: import the serving side only for this command
+    from controller import serve as slo_serve
     from deployments.config import load_config, parse_config
     from deployments.run import serve_forever
 
+    if args.config and slo_serve.is_slo_file(args.config):  # an SLO file: the HELIOS controller chooses
+        slo_serve.serve_forever(args.config, args.host, args.port)
+        return 0
     # no config: the default model, with every local CPU (a laptop serving one model)
     config = load_config(args.config) if args.config else parse_config({"models": [{"num_cpus": os.cpu_count()}]})
     if args.host or args.port:
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     from controller.profile_command import add_arguments as add_profile_arguments
     add_profile_arguments(commands.add_parser("profile", help="measure an SLO file's candidates: the model repository"))
     srv = commands.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
-    srv.add_argument("config", nargs="?", help="YAML serving config (default: the default model on 127.0.0.1:8000)")
+    srv.add_argument("config", nargs="?", help="YAML serving config, or an SLO file (top-level `candidates`: the "
+                     "controller chooses model and depth); default: the default model on 127.0.0.1:8000")
     srv.add_argument("--host", default=None, help="override http.host")
     srv.add_argument("--port", type=int, default=None, help="override http.port")
     srv.set_defaults(func=_serve)

@@ -1,6 +1,7 @@
 """The controller loop: decisions recorded and applied, resumed from its history after a restart
 (in-process, then as a Ray actor killed and restarted by Ray)."""
 
+import threading
 import time
 
 import pytest
@@ -28,29 +29,71 @@ def steps(n: int, breaches: int) -> list[StepStats]:
 
 
 class Recorder:
-    def __init__(self):
-        self.calls = []
+    """An apply that records its calls; `gate` (when given) holds each call until it is set."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.calls, self.gate, self.started = [], gate, threading.Event()
 
     def __call__(self, slo, repo, candidate_id, depth):
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(30)
         self.calls.append((candidate_id, depth))
 
 
 def test_decisions_are_applied_recorded_and_resumed(tmp_path):
     slo, applied = make_slo(tmp_path), Recorder()
     loop = Controller(slo, REPO, applied)
-    assert applied.calls == [("small", 4)]  # the start decision deploys
+    assert loop.applier.wait_idle(10) and applied.calls == [("small", 4)]  # the start decision deploys
     assert loop.observe(steps(2, breaches=2)) is None  # 4 of 20 tokens: under the limit, interval not over
     decision = loop.observe(steps(6, breaches=10))  # every token breaches: over 50 in the last 100
     assert decision["action"] == "deepen" and decision["trigger"] == "breaches"
-    assert applied.calls == [("small", 4), ("small", 8)]
+    assert loop.applier.wait_idle(10) and applied.calls == [("small", 4), ("small", 8)]
+    assert loop.current()["applied"] == "small@8"
     assert loop.observe(steps(4, breaches=0))["action"] == "stay"  # interval of 4 requests, nothing to gain yet
-    records = history.read(slo.history)
+    records = [r for r in history.read(slo.history) if r["kind"] == "decision"]
     assert [r["action"] for r in records] == ["start", "deepen", "stay"]
 
     restarted = Controller(slo, REPO, applied)  # a new incarnation: same arguments, same file
     assert restarted.current()["candidate"] == "small" and restarted.current()["depth"] == 8
     assert restarted.state.requests == loop.state.requests and restarted.state.last_change_request == 8
+    assert restarted.applier.wait_idle(10)
     assert applied.calls == [("small", 4), ("small", 8)]  # resuming redeploys nothing
+    assert restarted.current()["applied"] == "small@8"
+
+
+def test_decisions_are_applied_in_the_background_the_latest_winning(tmp_path):
+    slo, gate = make_slo(tmp_path), threading.Event()
+    applied = Recorder(gate)
+    loop = Controller(slo, REPO, applied)  # returns while the start decision is still being applied
+    assert applied.started.wait(10) and loop.current()["applying"] == "small@4"
+    assert loop.observe(steps(6, breaches=10))["action"] == "deepen"  # taken during the redeploy
+    assert loop.current()["pending"] == "small@8"
+    kinds = [r["kind"] for r in history.read(slo.history)]
+    assert kinds == ["decision", "decision"]  # recorded before it is applied
+    loop.applier.submit(("small", 4))  # a later decision back to what is being applied: nothing waits
+    assert loop.current()["pending"] is None
+    loop.applier.submit(("small", 8))
+    gate.set()
+    assert loop.applier.wait_idle(10)
+    assert applied.calls == [("small", 4), ("small", 8)] and loop.current()["applied"] == "small@8"
+
+
+def test_steps_of_an_earlier_choice_are_ignored(tmp_path):
+    loop = Controller(make_slo(tmp_path), REPO)
+    assert loop.observe(steps(6, breaches=10), tag="small@8") is None  # a draining replica's steps
+    assert loop.ignored_steps == 6 and loop.current()["breaches_in_window"] == 0
+    assert loop.observe(steps(6, breaches=10), tag="small@4")["action"] == "deepen"
+
+
+def test_a_change_not_applied_before_a_crash_is_applied_on_resume(tmp_path):
+    slo, gate = make_slo(tmp_path), threading.Event()
+    first = Controller(slo, REPO, Recorder(gate))
+    first.observe(steps(6, breaches=10))  # decided small@8; the start is still being applied
+    again = Recorder()
+    resumed = Controller(slo, REPO, again)  # as if the first had died here
+    assert resumed.applier.wait_idle(10) and again.calls == [("small", 8)]
+    gate.set()
 
 
 def test_a_torn_last_line_is_skipped(tmp_path):
@@ -67,7 +110,7 @@ def test_ray_restarts_the_named_actor_and_it_resumes(tmp_path):
 
     if ray.is_initialized():
         pytest.skip("Ray is already running in this process")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         slo = make_slo(tmp_path)
         actor = start_controller(slo, REPO)
@@ -84,6 +127,8 @@ def test_ray_restarts_the_named_actor_and_it_resumes(tmp_path):
                 time.sleep(0.5)
         new_pid = ray.get(get_controller().__ray_call__.remote(lambda self: __import__("os").getpid()))
         assert new_pid != pid and (state["candidate"], state["depth"]) == ("small", 8)
-        assert [r["action"] for r in ray.get(get_controller().history.remote())] == ["start", "deepen"]
+        records = ray.get(get_controller().history.remote())
+        assert [r["action"] for r in records if r["kind"] == "decision"] == ["start", "deepen"]
+        assert [r["kind"] for r in records].count("applied") == 2  # the start and the deepen (no apply given)
     finally:
         ray.shutdown()

@@ -35,17 +35,39 @@ def test_model_config_follows_the_decision():
 
 
 def test_every_deployment_starts_its_replacement_first():
+    """Through the public config fields: the switcher's ServeConfig asks for surge and a long drain,
+    and build_app passes both to Serve for the model and the ingress."""
     from deployments.app import build_app_from_config
-    from controller.switcher import SURGE_PERCENT, serve_config_for, surge_first
+    from controller.switcher import DRAIN_TIMEOUT_S, SURGE_PERCENT, serve_config_for
 
-    app = surge_first(build_app_from_config(serve_config_for(tiny_slo("/tmp/a", "/tmp/b", 8000), TINY_REPO,
-                                                                 "llama", 2)))
-    ingress = app._bound_deployment
+    config = serve_config_for(tiny_slo("/tmp/a", "/tmp/b", 8000), TINY_REPO, "llama", 2)
+    for entry in (config.ingress, *config.models):
+        assert (entry.max_surge_percent, entry.graceful_shutdown_timeout_s) == (SURGE_PERCENT, DRAIN_TIMEOUT_S)
+    assert SURGE_PERCENT == 100
+    assert config.models[0].controller is None  # no controller named: the replicas send stats nowhere
+    # what Serve gets: its deployment config of every deployment in the app (read through the
+    # app's graph only here, in the test; the switcher itself never reaches into it)
+    ingress = build_app_from_config(config)._bound_deployment
     servers = [value._bound_deployment for value in ingress.init_args[0].values()]
     assert [s.name for s in servers] == ["LLMServer:assistant"]
     for deployment in (ingress, *servers):
-        assert deployment._deployment_config.max_surge_percent == SURGE_PERCENT == 100
-    assert servers[0].init_args[0].engine.max_layers == 2  # the bound arguments survive the rebinding
+        assert deployment._deployment_config.max_surge_percent == 100
+        assert deployment._deployment_config.graceful_shutdown_timeout_s == DRAIN_TIMEOUT_S
+    assert servers[0].init_args[0].engine.max_layers == 2
+
+
+def test_plain_serving_keeps_serves_defaults():
+    from deployments.config import parse_config
+
+    model = parse_config({}).models[0]
+    assert (model.max_surge_percent, model.graceful_shutdown_timeout_s, model.controller) == (0, 20.0, None)
+
+
+def test_a_linked_replica_reports_its_choice():
+    from deployments.config import ControllerLink
+
+    model = model_config_for(tiny_slo("/tmp/a", "/tmp/b", 8000), TINY_REPO, "llama", 2, ControllerLink())
+    assert (model.controller.actor, model.controller.tag) == ("helios-controller", "llama@2")
 
 
 class Clients:
@@ -135,7 +157,7 @@ def test_switches_during_traffic_lose_no_request(tiny_chat_model_dir):
     slo = tiny_slo(tiny_chat_model_dir("llama"), tiny_chat_model_dir("qwen2"), port)
     app, prefix = "helios-switch-test", "/switch-test"
     clients = Clients(f"http://127.0.0.1:{port}{prefix}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:  # from here on Ray is shut down whatever fails, so later tests can start their own
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         switch(slo, TINY_REPO, "llama", 4, app, prefix)
