@@ -4,7 +4,7 @@ import asyncio
 from dataclasses import replace
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -12,10 +12,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.auth import load_admin_key, load_api_keys
+from deployments.auth import bearer_token, key_accepted, load_admin_key, load_api_keys
 from deployments.config import ServeConfig
 from deployments.guard import Guard, GuardSettings
 from deployments.limits import check_limits
+from deployments.mirror import Mirror, NoController, controller_view
 from deployments.priority import step_back
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from deployments.responses import ChoiceState, ResponseBuilder, sse_event
@@ -123,13 +124,17 @@ class OpenAIIngress:
         self.models = models
         self.limits = config.limits
         self.retry_after_s = config.ingress.retry_after_s
+        # the controller's routes need the admin key too; /admin/engine still answers only with admin_routes
+        self.engine_admin, self.controller_prefix = config.auth.admin_routes, config.auth.controller_routes
         self.guard = GuardSettings(
             max_body_bytes=config.limits.max_body_bytes, api_keys=load_api_keys(config.auth.api_keys_file),
-            admin_key=load_admin_key() if config.auth.admin_routes else None, docs=config.ingress.docs,
+            admin_key=load_admin_key() if self.engine_admin or self.controller_prefix else None,
+            docs=config.ingress.docs,
             log_prompts=config.ingress.log_prompts, retry_after_s=config.ingress.retry_after_s)
         app.state.guard = self.guard
         self.shutdown = asyncio.Event()  # set when shutdown's grace period is over
         self._cards: dict[str, dict] = {}
+        self.mirror = Mirror()  # finished requests to the live profiler, when one runs (deployments/mirror.py)
 
     @app.get("/health", responses={503: {"description": "shutting down"}})
     async def health(self):
@@ -140,8 +145,24 @@ class OpenAIIngress:
     @app.get("/admin/engine", include_in_schema=False)
     async def engine_states(self) -> dict:
         """What each model's engine holds now (one replica per model answers); the guard checks the admin key."""
+        if not self.engine_admin:
+            raise APIError(404, "not found", "not_found_error")
         states = await asyncio.gather(*(handle.engine_state.remote() for handle in self.models.values()))
         return dict(zip(self.models, states))
+
+    @app.get("/{prefix:path}/controller", include_in_schema=False)
+    async def controller_state(self, prefix: str, request: Request, limit: int = Query(100, ge=1, le=10_000)):
+        """The HELIOS controller's state and performance history, newest last (auth.controller_routes).
+
+        Checked here as well as by the guard: the prefix need not be under /admin."""
+        if self.controller_prefix != "/" + prefix:
+            raise APIError(404, "not found", "not_found_error")
+        if not key_accepted(bearer_token(request.scope["headers"]), frozenset([self.guard.admin_key])):
+            raise APIError(401, "the admin routes need the admin key as a bearer token", code="invalid_api_key")
+        try:
+            return await controller_view(limit)
+        except NoController as exc:
+            raise APIError(503, str(exc), "server_error", "no_controller") from None
 
     async def drain(self, grace_s: float) -> dict:
         """Shutdown: refuse new requests, give in-flight ones `grace_s` to finish, then end the rest
@@ -197,7 +218,7 @@ class OpenAIIngress:
         states = [ChoiceState(i, chat, want_logprobs, body.return_exit_layers, body.return_predicted_length) for i in range(len(jobs))]
         builder = ResponseBuilder(body.model, chat)
         if body.stream:
-            events = self._events(streams, firsts, states, builder, body.n, body.include_usage)
+            events = self._events(streams, firsts, states, builder, body.n, body.include_usage, jobs)
             return StreamingResponse(events, media_type="text/event-stream")
         for stream, first, state in zip(streams, firsts, states):
             state.add(first)
@@ -213,6 +234,7 @@ class OpenAIIngress:
             raise
         response = builder.envelope([s.full() for s in states], chunk=False)
         response["usage"] = builder.usage(states, body.n)
+        self.mirror.offer(jobs, states)  # fire-and-forget, sampled; the response is already built
         return response
 
     async def _start(self, handle: DeploymentHandle, jobs: list) -> tuple[list, list[dict]]:
@@ -254,7 +276,7 @@ class OpenAIIngress:
             state.add(delta)
 
     async def _events(self, streams, firsts, states, builder: ResponseBuilder, n: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, jobs: list) -> AsyncIterator[str]:
         """Server-sent events: one chunk per delta of any choice, then usage if asked, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -286,6 +308,7 @@ class OpenAIIngress:
                 else:
                     states[index].add(item)
                     yield sse_event(builder.envelope([states[index].chunk(item)], chunk=True))
+            self.mirror.offer(jobs, states)  # fire-and-forget; only finished choices are mirrored
             if include_usage and not self.shutdown.is_set():
                 yield sse_event({**builder.envelope([], chunk=True), "usage": builder.usage(states, n)})
             yield "data: [DONE]\n\n"
