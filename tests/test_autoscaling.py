@@ -167,3 +167,13 @@ def test_rayservice_carries_the_autoscaling_config():
     model = parse_config(args).models[0]  # what build_app parses inside the cluster
     assert model.autoscaling is not None and model.autoscaling.policy == "helios"
     assert replica_count(model)["autoscaling_config"]["policy"]["policy_function"] == POLICY_PATH
+
+
+def test_ttft_calls_for_a_replica_where_serves_default_policy_would_not():
+    """The multi-node test's situation: 6 requests against a target of 100 per replica, first tokens
+    slow. Serve's default policy (same context, same wrapper-free call) holds at one; helios adds one."""
+    config = ServeAutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=100)
+    context = _context(config, current=1, target=1, ongoing=6, ttft=0.5, state={})
+    default_wants, _ = serve_policy.replica_queue_length_autoscaling_policy(context)
+    assert max(config.min_replicas, round(default_wants)) == 1
+    assert HeliosAutoscalingPolicy(target_ttft_s=0.05)(context)[0] == 2

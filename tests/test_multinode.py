@@ -4,6 +4,12 @@ Serve's one HTTP endpoint on the head, a tiny model autoscaled by the `helios` p
 other worker node, both replicas serve requests from the one endpoint, removing the load lets the
 second replica go, and every request succeeds.
 
+The load is sized so that only the policy's TTFT signal can call for the second replica: the
+engine runs one sequence at a time (max_num_seqs 1), so six clients make requests wait for their
+first token, while the load target (100 ongoing requests per replica) is never approached; Serve's
+default policy would stay at one replica. The scale-up therefore shows the whole path: each
+replica's `record_autoscaling_stats`, Serve's controller on the head, the policy it unpickled.
+
 The scenario runs in a child process (`python tests/test_multinode.py MODEL_DIR PORT`): its own
 Ray driver and cluster, in its own temp dir (so no `ray.init()` elsewhere on the machine finds it),
 beside the session's single-node Ray of the serving tests, whatever ran first. It prints one JSON
@@ -30,10 +36,11 @@ pytestmark = pytest.mark.multinode
 
 APP, MODEL = "helios", "tiny"
 CHILD_TIMEOUT_S = 240  # a loaded 2-core machine; on an idle one the whole run takes far less (see report)
-CLIENTS = 6  # concurrent requests under load: 3x the target of 2 per replica
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "policy": "helios",
-               "target_ttft_s": 2.0, "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2,
-               "metrics_interval_s": 0.5}
+CLIENTS = 6  # concurrent requests under load: with one sequence at a time, five wait for a first token
+TARGET_TTFT_S = 0.05  # a queue of five 24-token requests takes several times this on any CPU
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 100, "policy": "helios",
+               "target_ttft_s": TARGET_TTFT_S, "upscale_delay_s": 1, "downscale_delay_s": 4,
+               "look_back_period_s": 2, "metrics_interval_s": 0.5}
 
 
 def test_autoscaling_across_simulated_nodes(tiny_chat_model_dir):
@@ -60,10 +67,12 @@ def test_autoscaling_across_simulated_nodes(tiny_chat_model_dir):
     worker_nodes = set(seen["worker_nodes"])
     assert len(worker_nodes) == 2 and seen["head_node"] not in worker_nodes
     assert seen["replicas_at_start"] == 1
+    assert seen["policy_in_controller_log"], "Serve's controller did not load the helios policy"
     # load: a second replica, on the other worker node, and both serve through the one endpoint
     assert seen["scaled_up"], seen
     assert len(seen["peak_replica_nodes"]) == 2 and set(seen["peak_replica_nodes"]) == worker_nodes
     assert seen["replicas_seen_busy"] == 2, "both replicas took requests from the one endpoint"
+    assert seen["ttft_signal_s"] > TARGET_TTFT_S  # what drove it (load alone was 6 of 100 per replica)
     # no load: back to one replica, and it still serves
     assert seen["scaled_down"], seen
     assert seen["final_replicas"] == 1
@@ -138,6 +147,23 @@ def _until(condition, deadline_s: float, period_s: float = 0.5) -> bool:
     return False
 
 
+def _ttft_signal(deployment: str) -> float:
+    """One replica's TTFT signal now, as it reports it to Serve's controller."""
+    from ray import serve
+
+    from deployments.autoscaling import TTFT_METRIC
+
+    handle = serve.get_deployment_handle(deployment, APP)
+    return handle.record_autoscaling_stats.remote().result(timeout_s=30)[TTFT_METRIC]
+
+
+def _policy_in_controller_log(temp_dir: str) -> bool:
+    from deployments.autoscaling import POLICY_PATH
+
+    logs = Path(temp_dir, "session_latest", "logs", "serve").glob("controller_*.log")
+    return any(f"Using custom autoscaling policy '{POLICY_PATH}'" in log.read_text(errors="replace") for log in logs)
+
+
 def scenario(model_dir: str, port: int) -> dict:
     import ray
     from ray import serve
@@ -160,12 +186,14 @@ def scenario(model_dir: str, port: int) -> dict:
         mark("cluster_up")
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         config = parse_config({"models": [{"id": MODEL, "source": model_dir, "num_cpus": 1,
-                                           "engine": {"kv_cache_memory": "16MiB"}, "autoscaling": AUTOSCALING}],
+                                           "engine": {"kv_cache_memory": "16MiB", "max_num_seqs": 1},
+                                           "autoscaling": AUTOSCALING}],
                                "ingress": {"num_cpus": 0}})
         serve.run(build_app_from_config(config), name=APP, route_prefix="/", blocking=False)
         deployment = server_name(MODEL)
         seen = {"head_node": cluster.head_node.node_id, "worker_nodes": [w.node_id for w in workers],
-                "replicas_at_start": len(_replicas(deployment))}
+                "replicas_at_start": len(_replicas(deployment)),
+                "policy_in_controller_log": _policy_in_controller_log(temp_dir)}
         mark("serving")
         url = f"http://127.0.0.1:{port}/v1/completions"
         busy_nodes: set[str] = set()
@@ -176,6 +204,8 @@ def scenario(model_dir: str, port: int) -> dict:
                 seen["peak_replica_nodes"] = sorted({r["node_id"] for r in replicas})
                 return len(replicas) == 2 and len(busy_nodes) == 2
 
+            time.sleep(1)  # a queue has formed
+            seen["ttft_signal_s"] = max(_ttft_signal(deployment) for _ in range(3))
             seen["scaled_up"] = _until(lambda: len(_replicas(deployment)) == 2, 90)
             mark("scaled_up")
             _until(two_serving, 30, period_s=0.2)
