@@ -207,29 +207,33 @@ def repository_summary(slo: SLOConfig, repository: Repository) -> list[dict]:
     return rows
 
 
-def bench_mode(mode: str, slo_path: str, args, phase_profiles) -> dict:
+def bench_mode(mode: str, slo_path: str, args, phase_profiles, save=lambda report: None) -> dict:
+    """Every round of one mode; `save` gets the report so far after each round (a long run on a
+    busy machine keeps what it measured)."""
     slo = load_slo(slo_path)
     repository = load_repository(slo.repository)
     engines = Engines(slo, repository)
     per_phase = args.ceiling_per_phase if mode == "ceiling" and args.ceiling_per_phase else args.per_phase
     workload = load_workload(args.chat_dataset, args.gsm8k_dataset, args.summary_dataset, per_phase, args.offset)
     plan = systems(slo, repository, args.objectives)
-    rounds = []
+    reference = args.reference.get(mode) or repository.reference or slo.candidates[0].id
+    rounds, report = [], {}
     for round_index in range(args.rounds):
-        order = plan if round_index % 2 == 0 else plan[::-1]  # alternate: the machine drifts
+        # --once: slow candidates run statically in the first round only (their replies are the quality reference)
+        planned = [p for p in plan if round_index == 0 or p[2] not in args.once]
+        order = planned if round_index % 2 == 0 else planned[::-1]  # alternate: the machine drifts
         runs = [run_one(name, objective, candidate, engines, workload, args, phase_profiles,
                         f"{mode}{round_index}-{i}") for i, (name, objective, candidate) in enumerate(order)]
         rounds.append(sorted(runs, key=lambda r: [p[0] for p in plan].index(r["system"])))
-    reference = args.reference.get(mode) or repository.reference or slo.candidates[0].id
-    add_quality(rounds, reference, workload)
-    for runs in rounds:
-        for run in runs:
-            run.pop("texts")
-    return {"slo": slo_path, "repository": slo.repository, "reference": reference,
-            "quality_proxy": slo.constraints.quality_proxy, "min_quality": slo.constraints.min_quality,
-            "per_phase": per_phase, "phase_profiles": phase_profiles, "load_seconds": engines.load_seconds,
-            "repository_summary": repository_summary(slo, repository), "rounds": rounds,
-            "ratios": ratios(slo, rounds, args.objectives)}
+        add_quality(rounds, reference, workload)
+        report = {"slo": slo_path, "repository": slo.repository, "reference": reference,
+                  "quality_proxy": slo.constraints.quality_proxy, "min_quality": slo.constraints.min_quality,
+                  "per_phase": per_phase, "phase_profiles": phase_profiles, "load_seconds": engines.load_seconds,
+                  "repository_summary": repository_summary(slo, repository),
+                  "rounds": [[{k: v for k, v in run.items() if k != "texts"} for run in runs] for runs in rounds],
+                  "ratios": ratios(slo, rounds, args.objectives)}
+        save(report)
+    return report
 
 
 def _f(value, digits: int = 2) -> str:
@@ -268,10 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objectives", default="throughput,latency")
     parser.add_argument("--reference", default="ceiling=smollm2-full",
                         help="quality reference per mode (MODE=CANDIDATE,...; default: the repository's)")
+    parser.add_argument("--once", default="", help="candidates whose static run is in the first round only "
+                                                  "(comma-separated; for slow ones on a busy machine)")
     parser.add_argument("--progress-every", type=int, default=8)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     args.objectives = args.objectives.split(",")
+    args.once = [c for c in args.once.split(",") if c]
     args.reference = dict(p.split("=") for p in args.reference.split(",") if p)
     return args
 
@@ -287,16 +294,20 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
               "arrivals": f"closed loop of {args.concurrency} clients", "per_phase": args.per_phase,
-              "max_tokens": args.max_tokens, "rounds": args.rounds, "offset": args.offset}
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "offset": args.offset,
+              "static_first_round_only": args.once}
     for mode in args.modes.split(","):
         slo_path = args.slo if mode == "real" else args.ceiling_slo
         phases = parse_phases(args.ceiling_phases) if mode == "ceiling" else {}
-        report[mode] = bench_mode(mode, slo_path, args, phases)
-        print_mode(mode, report[mode])
-        if args.json:  # written after each mode: a later failure keeps what was measured
+
+        def save(partial: dict, mode: str = mode) -> None:  # after each round
+            report[mode] = partial
             report["wall_seconds"] = time.time() - started
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+        print_mode(mode, bench_mode(mode, slo_path, args, phases, save))
 
 
 if __name__ == "__main__":
