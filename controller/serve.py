@@ -25,8 +25,8 @@ from deployments.config import ConfigError, ControllerLink, ModelConfig, ServeCo
 
 logger = logging.getLogger("helios.controller")
 SLO_KEYS = ("candidates", "objective")  # top-level keys only an SLO file has
-# the actor's handle: Ray destroys an actor that is not detached once no handle to it is left,
-# named or not, so this process keeps one for as long as it serves
+# the actors' handles (controller, profiler): Ray destroys an actor that is not detached once no
+# handle to it is left, named or not, so this process keeps them for as long as it serves
 _handles: list = []
 
 
@@ -54,7 +54,7 @@ def deploy_through_controller(slo: SLOConfig, repository: Repository, timeout_s:
     """Start the controller actor (or find it) and wait until its choice runs; returns its `current()`."""
     link = ControllerLink(actor=ACTOR_NAME, namespace=NAMESPACE)
     actor = start_controller(slo, repository, apply=functools.partial(switch, controller=link))
-    _handles[:] = [actor]
+    _handles.append(actor)
     ray.get(actor.deploy.remote())
     deadline = time.monotonic() + timeout_s
     while True:
@@ -69,10 +69,17 @@ def deploy_through_controller(slo: SLOConfig, repository: Repository, timeout_s:
         time.sleep(0.5)
 
 
-def start(slo: SLOConfig, repository: Repository, config: ServeConfig | None = None) -> str:
-    """Ray, Serve, the controller and its first deployment; returns the base URL."""
+def start(slo: SLOConfig, repository: Repository, config: ServeConfig | None = None,
+          live_profiling: bool = True) -> str:
+    """Ray, Serve, the controller and its first deployment, then (`live_profiling`) the live
+    profiler (controller/live_profile.py), which the ingress feeds once it exists; returns the base URL."""
     config = config or serve_config(slo)
-    return run.start(config, deploy=lambda: deploy_through_controller(slo, repository))
+    url = run.start(config, deploy=lambda: deploy_through_controller(slo, repository))
+    if live_profiling:
+        from controller.live_profile import start_profiler
+
+        _handles.append(start_profiler(slo, repository))
+    return url
 
 
 def stop_controller() -> None:

@@ -1,5 +1,6 @@
-"""Switching on a real local Ray Serve: two tiny candidates, a depth change and a candidate switch
-while clients keep sending requests (streams included); every request must succeed."""
+"""The switcher's serving config (surge first, drain, the link to the controller), and the traffic
+helpers of the end-to-end switch test (tests/test_controller_serve.py: the controller's own loop
+deepens and switches under traffic on a real local Ray Serve; every request must succeed)."""
 
 import json
 from collections import deque
@@ -7,10 +8,8 @@ import threading
 import time
 
 import httpx
-import pytest
-from conftest import free_port
 from controller.slo import parse_slo
-from controller.switcher import model_config_for, switch
+from controller.switcher import model_config_for
 from test_controller_repository import MiB, candidate, repository
 
 
@@ -145,37 +144,3 @@ def serves(clients: Clients, depth: int) -> bool:
 
 def card(clients: Clients) -> dict:
     return httpx.get(clients.base_url + "/v1/models", timeout=30).json()["data"][0]
-
-
-def test_switches_during_traffic_lose_no_request(tiny_chat_model_dir):
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():  # another test's Serve holds the HTTP options; this test needs its own
-        pytest.skip("Ray is already running in this process")
-    port = free_port()
-    slo = tiny_slo(tiny_chat_model_dir("llama"), tiny_chat_model_dir("qwen2"), port)
-    app, prefix = "helios-switch-test", "/switch-test"
-    clients = Clients(f"http://127.0.0.1:{port}{prefix}")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:  # from here on Ray is shut down whatever fails, so later tests can start their own
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        switch(slo, TINY_REPO, "llama", 4, app, prefix)
-        clients.start()
-        reached = [eventually(lambda: serves(clients, 4))]
-        switch_s = [switch(slo, TINY_REPO, "llama", 2, app, prefix)]  # depth change under traffic
-        reached.append(eventually(lambda: serves(clients, 2)))
-        switch_s.append(switch(slo, TINY_REPO, "qwen", 4, app, prefix))  # candidate switch under traffic
-        reached.append(eventually(lambda: card(clients)["source"] == str(slo.candidates[1].source)))
-        reached.append(eventually(lambda: serves(clients, 4)))
-        served_during = clients.ok
-    finally:
-        clients.join()
-        serve.shutdown()
-        ray.shutdown()
-    assert clients.failed == []  # not one request failed or was dropped, streams included
-    assert reached == [True] * 4  # each switch took effect
-    assert served_during >= 12
-    # no serving gap: with Serve's default (stop, then start) a request waits about a whole replica
-    # start-up (18.9 s of a 19.5 s switch, measured); surge first, the slowest took 1.1 s
-    assert max(clients.latencies) < 0.5 * min(switch_s)
