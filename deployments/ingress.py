@@ -8,6 +8,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -114,6 +115,13 @@ def _cancel(stream: DeploymentResponseGenerator | None) -> None:
             stream.cancel()
     except Exception:
         pass
+
+
+def _engine_fault(exc: Exception) -> APIError:
+    """A replica's failure as a 500: the engine's own message (a request's fault, RequestFailed, or the
+    engine's), without the remote traceback Ray wraps it in."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    return APIError(500, f"generation failed: {cause}", "server_error")
 
 
 @serve.deployment
@@ -232,6 +240,10 @@ class OpenAIIngress:
                 raise APIError(503, "the server shut down before this request finished", "server_error",
                                "shutting_down") from None
             raise
+        except Exception as exc:  # an engine fault in one choice: the others stop, the client gets a 500
+            for stream in streams:
+                _cancel(stream)
+            raise _engine_fault(exc) from None
         response = builder.envelope([s.full() for s in states], chunk=False)
         response["usage"] = builder.usage(states, body.n)
         self.mirror.offer(jobs, states)  # fire-and-forget, sampled; the response is already built
@@ -252,6 +264,8 @@ class OpenAIIngress:
         if isinstance(failure, BackPressureError):
             raise APIError(503, "the model's request queue is full; retry later", "server_error",
                            "queue_full", headers={"Retry-After": str(self.retry_after_s)})
+        if isinstance(failure, Exception):  # an engine fault: OpenAI's 500 body, not Starlette's text
+            raise _engine_fault(failure) from None
         if isinstance(failure, BaseException):
             raise failure
         raise APIError(400, failure["error"])
@@ -304,7 +318,7 @@ class OpenAIIngress:
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, Exception):
-                    yield sse_event(error_body(f"generation failed: {item}", "server_error"))
+                    yield sse_event(error_body(_engine_fault(item).message, "server_error"))
                 else:
                     states[index].add(item)
                     yield sse_event(builder.envelope([states[index].chunk(item)], chunk=True))

@@ -25,6 +25,11 @@ from helios.sampling_params import SamplingParams
 from helios.stats import StepStats
 
 
+class RequestFailed(RuntimeError):
+    """One request ended by a fault of its own (its sampling, detokenization or stop check);
+    the engine and the other requests go on."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None):
         self.engine = engine
@@ -118,7 +123,8 @@ class AsyncLLMEngine:
         `tokens_per_output()` tokens (default 1: every step's delta, or whatever piled up
         while the consumer was busy). Bad input raises ValueError before anything is
         queued. Leaving the iteration early (a client that disconnects) aborts the request
-        and frees its KV blocks.
+        and frees its KV blocks. A fault of this request's own raises RequestFailed (its blocks
+        are already free); a fault of the engine's raises RuntimeError for every open request.
         """
         if self._error is not None:
             raise RuntimeError("the engine failed") from self._error
@@ -137,6 +143,9 @@ class AsyncLLMEngine:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine failed") from item
+                if item.finish_reason == "error":
+                    finished = True  # the engine has already dropped it: nothing to abort
+                    raise RequestFailed(f"request {request_id} failed: {item.error}")
                 pending = item if pending is None else pending.merged(item)
                 finished = item.finished
                 wanted = tokens_per_output() if tokens_per_output and sent else 1

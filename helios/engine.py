@@ -46,6 +46,30 @@ def _eos_ids(hf_config, tokenizer) -> set[int]:
     return ids
 
 
+def _sample_isolating(logits: torch.Tensor, seqs: list[Sequence]
+                      ) -> tuple[list[int | None], list[dict | None], dict[int, Exception]]:
+    """`sample` over the batch; if it raises, again row by row, so that only the rows whose own
+    params fail get the fault ({row: exception}) and the others the tokens they would have had
+    (seeded generators are put back first). If every row of several fails, the fault is not
+    one request's: it is raised."""
+    generators = [(seq.generator, seq.generator.get_state()) for seq in seqs if seq.generator is not None]
+    try:
+        tokens, logprobs = sample(logits, seqs)
+        return tokens, logprobs, {}
+    except Exception as batch_error:
+        for generator, state in generators:
+            generator.set_state(state)
+        tokens, logprobs, faults = [None] * len(seqs), [None] * len(seqs), {}
+        for row, seq in enumerate(seqs):
+            try:
+                (tokens[row],), (logprobs[row],) = sample(logits[row:row + 1], [seq])
+            except Exception as exc:
+                faults[row] = exc
+        if len(seqs) > 1 and len(faults) == len(seqs):
+            raise batch_error
+        return tokens, logprobs, faults
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -126,23 +150,32 @@ class LLMEngine:
         """Run one iteration; return a delta for each request that got a token."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
-        outputs, sampled, exit_layers, breaches = [], [], [], 0
+        outputs, sampled, exit_layers, breaches, faults = [], [], [], 0, {}
         if not batch.empty:
             inputs, sampled_chunks = self.runner.prepare(batch.chunks)
             result = self.runner.run(inputs)
             seqs = [c.seq for c in sampled_chunks]
-            tokens, logprobs = sample(result.logits, seqs)
+            tokens, logprobs, faults = _sample_isolating(result.logits, seqs)
             predicted = result.predicted_lengths
             for i, (seq, token, exit_layer, logprob) in enumerate(zip(seqs, tokens, result.exit_layers, logprobs)):
-                out = self.outputs.process(seq, token, exit_layer, logprob)
+                if i in faults:
+                    continue
+                try:
+                    out = self.outputs.process(seq, token, exit_layer, logprob)
+                except Exception as exc:  # this request's own fault (detokenizer, stop check): it alone ends
+                    faults[i] = exc
+                    continue
                 if i in predicted:
                     out.predicted_length = predicted[i]
                 outputs.append(out)
                 sampled.append(SampledToken(seq, token, exit_layer, logprob, out.finish_reason, predicted.get(i)))
             if self.length_recorder is not None and result.length_states:
                 self.length_recorder([seqs[i] for i in inputs.first_rows], result.length_states)
-            exit_layers, breaches = result.exit_layers, result.breaches
+            exit_layers = [layer for i, layer in enumerate(result.exit_layers) if i not in faults]
+            breaches = result.breaches
         self.scheduler.update(batch, sampled, time.monotonic())
+        if faults:
+            outputs += [self._fail(seqs[i], exc) for i, exc in faults.items()]
         for out in outputs:
             if out.finished:
                 self.sequences.pop(out.request_id, None)
@@ -150,6 +183,14 @@ class LLMEngine:
         if not batch.empty or batch.preempted:
             self.stats.add(self.last_step)
         return outputs
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End one request whose own processing raised, free its blocks, and say why in its output.
+        The forward pass is shared by the batch, so a fault there is not attributed: it fails the step."""
+        logger.error("request %s failed (the engine goes on): %s", seq.request_id, exc, exc_info=exc)
+        out = self.outputs.fail(seq, f"{type(exc).__name__}: {exc}")
+        self.scheduler.finish(seq, "error")
+        return out
 
     def _step_stats(self, batch: SchedulerOutput, exit_layers: list[int], breaches: int,
                     seconds: float) -> StepStats:

@@ -40,6 +40,9 @@ class RequestOutput:
     text: str | None = None
     # output tokens the length head predicted: in the first output and the finishing one (None: no head)
     predicted_length: int | None = None
+    # why the request failed, when finish_reason is "error" (a fault in its own sampling or output
+    # processing: the engine ended it alone and went on with the others)
+    error: str | None = None
 
     def merged(self, later: "RequestOutput") -> "RequestOutput":
         """This output followed by `later`, as one (for streams that send several steps at once)."""
@@ -49,7 +52,7 @@ class RequestOutput:
             self.new_exit_layers + later.new_exit_layers, logprobs, later.finished, later.finish_reason,
             later.num_prompt_tokens, later.num_output_tokens, later.num_preemptions, later.prompt_token_ids,
             later.token_ids, later.exit_layers, later.logprobs, later.text,
-            self.predicted_length if later.predicted_length is None else later.predicted_length)
+            self.predicted_length if later.predicted_length is None else later.predicted_length, later.error)
 
 
 class IncrementalDetokenizer:
@@ -96,6 +99,18 @@ class OutputProcessor:
 
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+
+    def fail(self, seq: Sequence, error: str) -> RequestOutput:
+        """The finishing output of a request that a fault of its own ended: no new token, the text
+        and tokens sent before it, finish_reason "error"; its state is dropped."""
+        state = self.states.pop(seq.request_id, None)
+        return RequestOutput(
+            seq.request_id, [], "", [], None if seq.params.logprobs is None else [], True, "error",
+            len(seq.prompt_ids), len(seq.output_ids), seq.num_preemptions, prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids), exit_layers=list(seq.exit_layers),
+            logprobs=None if seq.params.logprobs is None else list(seq.logprobs),
+            text="".join(state.pieces) if state is not None else "", predicted_length=seq.predicted_length,
+            error=error)
 
     def process(self, seq: Sequence, token: int, exit_layer: int, logprob: dict | None) -> RequestOutput:
         """The output for `seq`'s new token (not yet appended to it), with its finish reason if it ends."""
