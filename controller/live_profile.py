@@ -105,17 +105,27 @@ def reply_lengths(samples: list[Sample], cap: int) -> list[int]:
     return [max(1, min(s.max_tokens, cap)) for s in samples]
 
 
-def served_agreement(replies: list[str], samples: list[Sample]) -> float | None:
-    """Word agreement with the served answers, over the samples served greedily (None: none was)."""
-    pairs = [(reply, s.text) for reply, s in zip(replies, samples) if s.greedy]
+def served_agreement(replies: list[str], samples: list[Sample], cap: int) -> float | None:
+    """Word agreement with the served answers, over the samples served greedily (None: none was).
+
+    A served answer longer than the replay's cap is scored only as far as the replay went (its
+    last, perhaps cut, word left out): the cap, not the candidate, ended the replay there."""
+    pairs = []
+    for reply, sample in zip(replies, samples):
+        if not sample.greedy:
+            continue
+        served = sample.text
+        if sample.completion_tokens > cap:
+            served = " ".join(served.split()[: max(0, len(reply.split()) - 1)])
+        pairs.append((reply, served))
     if not pairs:
         return None
     return word_agreement([p[0] for p in pairs], [p[1] for p in pairs])
 
 
-def quality_figures(replies: list[str], samples: list[Sample], reference: str | None,
+def quality_figures(replies: list[str], samples: list[Sample], cap: int, reference: str | None,
                     reference_replies: list[str] | None) -> dict:
-    return {"served_agreement": served_agreement(replies, samples),
+    return {"served_agreement": served_agreement(replies, samples, cap),
             "reference": reference if reference_replies is not None else None,
             "reference_agreement": word_agreement(replies, reference_replies) if reference_replies is not None
             else None}
@@ -165,7 +175,7 @@ def profile_round(slo: SLOConfig, repository: Repository, samples: list[Sample],
                                              kv_cache_memory)
             if estimate.candidate == reference:
                 reference_replies = replies
-            figures.update(quality_figures(replies, samples, reference, reference_replies))
+            figures.update(quality_figures(replies, samples, cap, reference, reference_replies))
         except Exception as exc:  # one candidate that cannot run the samples does not end the round
             logger.warning("live profile of %s@%d failed: %r", estimate.candidate, estimate.depth, exc)
             figures = {"error": repr(exc)}
@@ -176,13 +186,14 @@ def profile_round(slo: SLOConfig, repository: Repository, samples: list[Sample],
 
 
 def controller_state() -> dict | None:
-    """The controller actor's current state (which candidate and depth answer now), if it runs."""
+    """Which candidate and depth answer now, from the controller actor (None: it does not run)."""
     import ray
 
     try:
-        return ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE).current.remote(), timeout=10)
+        state = ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE).current.remote(), timeout=10)
     except Exception:
         return None
+    return {"candidate": state["candidate"], "depth": state["depth"]}
 
 
 class LiveProfiler:
@@ -252,7 +263,10 @@ def _actor_class():
 
 
 def start_profiler(slo: SLOConfig, repository: Repository, detached: bool = False, **options):
-    """Create (or find) the named profiler actor; `detached` lets it outlive the creating driver."""
+    """Create (or find) the named profiler actor; `detached` lets it outlive the creating driver.
+
+    Keep the returned handle for as long as serving runs: Ray destroys an actor that is not
+    detached once no handle to it is left, named or not. `options`: LiveProfiler's keywords."""
     actor_options = {"name": PROFILER_ACTOR, "namespace": NAMESPACE, "get_if_exists": True}
     if detached:
         actor_options["lifetime"] = "detached"

@@ -57,8 +57,14 @@ def test_replies_are_capped_and_chat_without_max_tokens_does_not_run_to_the_cont
 
 def test_served_agreement_counts_only_greedy_answers():
     samples = [parse_sample(sample("a b c d")), parse_sample(sample("x y", greedy=False))]
-    assert served_agreement(["a b z d e f", "nothing alike"], samples) == 0.75  # 3 of the served 4 words
-    assert served_agreement(["x y"], samples[1:]) is None  # a sampled answer is no reference for a replay
+    assert served_agreement(["a b z d e f", "nothing alike"], samples, cap=64) == 0.75  # 3 of the served 4 words
+    assert served_agreement(["x y"], samples[1:], cap=64) is None  # a sampled answer is no reference for a replay
+
+
+def test_a_served_answer_longer_than_the_cap_is_scored_as_far_as_the_replay_went():
+    long = parse_sample({**sample("a b c d e f g h"), "completion_tokens": 100})
+    assert served_agreement(["a b c d"], [long], cap=64) == 1.0  # a b c scored; d may be a cut word
+    assert served_agreement(["a b c d"], [long], cap=200) == 0.5  # not capped: the missing words count
 
 
 def test_the_record_says_what_ran_on_what():
@@ -200,11 +206,11 @@ def ask(base_url: str, index: int) -> str:
             "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]}
     url = base_url + "/v1/chat/completions"
     if not stream:
-        response = httpx.post(url, json=body, timeout=60)
+        response = httpx.post(url, json=body, timeout=120)
         response.raise_for_status()
         return response.json()["choices"][0]["message"]["content"]
     text, done = "", False
-    with httpx.stream("POST", url, json=body, timeout=60) as response:
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line == "data: [DONE]":
@@ -222,7 +228,7 @@ def engine_requests(metrics_url: str) -> float:
                if line.startswith("ray_helios_request_success_total{") and 'model="assistant"' in line)
 
 
-def settled(read, expected: float, timeout_s: float = 20) -> float:
+def settled(read, expected: float, timeout_s: float = 30) -> float:
     """`read()` once it reaches `expected` (metrics arrive with a delay), then once more a moment later."""
     deadline = time.monotonic() + timeout_s
     while read() < expected and time.monotonic() < deadline:
@@ -278,7 +284,7 @@ def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(
         baseline = [ask(base_url, i) for i in range(len(PROMPTS))]  # no profiler yet: nothing mirrored
 
         profiler = start_profiler(slo, REPO, max_tokens=8, min_interval_s=3600)
-        mirrored, deadline = [], time.monotonic() + 60
+        mirrored, deadline = [], time.monotonic() + 120  # a round takes seconds; more on a loaded machine
         while ray.get(profiler.status.remote())["rounds"] < 1 and time.monotonic() < deadline:
             index = len(mirrored)
             mirrored.append((ask(base_url, index), baseline[index % len(PROMPTS)]))
@@ -299,10 +305,10 @@ def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(
         serve.shutdown()
         ray.shutdown()
 
-    assert status["rounds"] == 1, status
+    assert status["rounds"] == 1, (status, len(mirrored))
     assert len(mirrored) >= slo.profiling_prompts
     assert all(got == expected for got, expected in mirrored)  # mirroring changed no reply (temperature 0)
-    assert counted == answered  # each request reached the served engine once: the profiler ran its own
+    assert counted == answered, (counted, answered)  # each reached the served engine once: the profiler ran its own
     assert refused == [401, 401, 404, 404]
     assert admin.status_code == 200 and newest.status_code == 200, (admin.text, newest.text)
     view = admin.json()
@@ -314,10 +320,12 @@ def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(
     assert sorted(profiles) == ["llama", "qwen"]
     for record in profiles.values():
         assert "error" not in record, record
-        assert record["prompts"] == slo.profiling_prompts and record["served"]["candidate"] == first.candidate
+        assert record["prompts"] == slo.profiling_prompts
+        assert record["served"] == {"candidate": first.candidate, "depth": first.depth}  # who answered the samples
         assert record["throughput_tok_s"] > 0 and record["ttft_s"] > 0 and record["tpot_p95_s"] >= 0
         assert abs(sum(record["exit_distribution"].values()) - 1) < 1e-6 and 0 <= record["breach_share"] <= 1
         assert 0 <= record["served_agreement"] <= 1 and record["reference"] == "qwen"
-    # the candidate that is served replays its own greedy answers (same model, same depth)
-    assert profiles[first.candidate]["served_agreement"] == 1.0
+    # the candidate that is served replays its own greedy answers (same model and depth; batched rather
+    # than one at a time, so a near tie between two tokens may still go the other way)
+    assert profiles[first.candidate]["served_agreement"] >= 0.9, profiles
     assert profiles["qwen"]["reference_agreement"] == 1.0
