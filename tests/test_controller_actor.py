@@ -132,3 +132,11 @@ def test_ray_restarts_the_named_actor_and_it_resumes(tmp_path):
         assert [r["kind"] for r in records].count("applied") == 2  # the start and the deepen (no apply given)
     finally:
         ray.shutdown()
+
+
+def test_switch_reasons_are_a_small_label_set():
+    from controller.metrics import switch_reason
+
+    assert switch_reason("safety: 40 breaches in the last 40 tokens; the only safe way out") == "safety"
+    assert switch_reason("gain: 1.25x on throughput") == "gain"
+    assert switch_reason("best of the shortlist") == "other"
