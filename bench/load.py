@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -57,7 +58,10 @@ async def saturation_rate(http: httpx.AsyncClient, body: dict, concurrency: int,
     async def client() -> None:
         nonlocal done
         for _ in remaining:
-            done += (await one_request(http, body, timeout_s)).status == "200"
+            # await first, then add: `done += await ...` reads `done` before the await, so the 32
+            # clients overwrote each other's counts (the first run measured 0.28/s instead of ~9/s)
+            ok = (await one_request(http, body, timeout_s)).status == "200"
+            done += ok
 
     started = time.monotonic()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -65,14 +69,17 @@ async def saturation_rate(http: httpx.AsyncClient, body: dict, concurrency: int,
 
 
 async def poisson_load(http: httpx.AsyncClient, body: dict, count: int, rate: float, timeout_s: float,
-                       seed: int = 0) -> list[Outcome]:
-    """`count` requests, exponential gaps of mean 1/rate between sends (not waiting for answers)."""
+                       seed: int = 0) -> tuple[list[Outcome], float]:
+    """`count` requests, exponential gaps of mean 1/rate between sends (not waiting for answers);
+    also the seconds the sending took (a starved client sends slower than asked: compare)."""
     gaps = random.Random(seed)
     tasks = []
+    started = time.monotonic()
     for _ in range(count):
         tasks.append(asyncio.create_task(one_request(http, body, timeout_s)))
         await asyncio.sleep(gaps.expovariate(rate))
-    return list(await asyncio.gather(*tasks))
+    sending = time.monotonic() - started
+    return list(await asyncio.gather(*tasks)), sending
 
 
 class RSSSampler:
@@ -152,14 +159,18 @@ async def run_load(base_url: str, model: str, count: int, rate: float | None = N
             await one_request(http, body, timeout_s)  # warm-up: the first request pays one-off costs
             saturation = await saturation_rate(http, body, saturation_concurrency, saturation_requests, timeout_s)
             rate = overload * saturation
+        load_before = os.getloadavg()
         with RSSSampler(server_pid) as rss:
             started = time.monotonic()
-            outcomes = await poisson_load(http, body, count, rate, timeout_s)
+            outcomes, sending = await poisson_load(http, body, count, rate, timeout_s)
             wall = time.monotonic() - started
     report = summarize(outcomes, count, timeout_s)
     report.update({"rate_per_s": round(rate, 3), "saturation_per_s": saturation and round(saturation, 3),
-                   "wall_s": round(wall, 1), "max_tokens": max_tokens, "timeout_s": timeout_s,
-                   "peak_rss_mib": rss.peaks_mib()})
+                   "sent_per_s": round(count / sending, 3), "wall_s": round(wall, 1), "max_tokens": max_tokens,
+                   "timeout_s": timeout_s, "peak_rss_mib": rss.peaks_mib(),
+                   # other jobs on the machine: 1-, 5- and 15-minute load averages before and after
+                   "load_average": {"before": [round(x, 2) for x in load_before],
+                                    "after": [round(x, 2) for x in os.getloadavg()]}})
     return report
 
 

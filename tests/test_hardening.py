@@ -251,6 +251,29 @@ def test_small_load_loses_nothing(served):
     assert any("LLMServer:tiny-busy" in name for name in report["peak_rss_mib"]), report["peak_rss_mib"]
 
 
+
+def test_saturation_counts_every_completed_request():
+    """bench/load.py's closed loop counts each 200, whichever of its clients got it (`done += await ...`
+    once lost the updates of concurrent clients: 2 of 64 counted, the run went at 1/32 of its rate)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from load import saturation_rate
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.01)
+        return httpx.Response(200, json={})
+
+    async def main() -> float:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test") as http:
+            started = time.monotonic()
+            rate = await saturation_rate(http, {}, concurrency=8, requests=32, timeout_s=5)
+            return rate * (time.monotonic() - started)
+
+    assert asyncio.run(main()) == pytest.approx(32, rel=0.05)
+
+
 # ---- faults ----------------------------------------------------------------------------------------
 
 def test_killed_replica_ends_its_streams_cleanly_and_comes_back(served):
