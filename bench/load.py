@@ -158,6 +158,8 @@ async def run_load(base_url: str, model: str, count: int, rate: float | None = N
         if rate is None:
             await one_request(http, body, timeout_s)  # warm-up: the first request pays one-off costs
             saturation = await saturation_rate(http, body, saturation_concurrency, saturation_requests, timeout_s)
+            if saturation == 0:  # seen when the machine's memory monitor killed the replica meanwhile
+                raise SystemExit(f"no request succeeded while measuring saturation ({saturation_requests} sent)")
             rate = overload * saturation
         load_before = os.getloadavg()
         with RSSSampler(server_pid) as rss:
