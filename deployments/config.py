@@ -38,7 +38,10 @@ def parse_size(value: Any) -> Any:
         match = _SIZE.match(value)
         if not match:
             raise ValueError(f"{value!r} is not a size: write bytes or e.g. 512MiB, 1GiB")
-        return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+        size = float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
+        if size == float("inf"):  # "999...9GiB" past a float's range (found by tests/test_fuzz.py)
+            raise ValueError(f"{value!r} is too large a size")
+        return int(size)
     return value
 
 
@@ -261,6 +264,8 @@ def read_yaml_mapping(path: str | Path, what: str, top_keys: str) -> dict | None
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:  # bytes that are not text (found by tests/test_fuzz.py)
+        raise ConfigError(f"{path} is not UTF-8 text: {exc}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping ({top_keys}, ...)")
     return data
@@ -268,7 +273,8 @@ def read_yaml_mapping(path: str | Path, what: str, top_keys: str) -> dict | None
 
 def parse_config(data: dict | None) -> ServeConfig:
     """Validate a config mapping (None or {} = the default model with defaults)."""
-    return validate(ServeConfig, data or {}, "serving config")
+    # only None means empty: [] or 0 must be refused as not a mapping, not read as {}
+    return validate(ServeConfig, {} if data is None else data, "serving config")
 
 
 def load_config(path: str | Path) -> ServeConfig:

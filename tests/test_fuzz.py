@@ -101,10 +101,19 @@ def test_load_config_fails_only_with_config_error(tmp_path, text):
     ({"limits": {"max_n": 17}}, "limits.max_n"),
     ({"auth": {"api_keys": ["sk-in-clear"]}}, "auth.api_keys"),
     ({"ingress": {"shutdown_grace_s": -1}}, "ingress.shutdown_grace_s"),
+    ({"limits": {"max_body_bytes": "9" * 309 + "GiB"}}, "limits.max_body_bytes"),  # past a float: was OverflowError
+    ([], "top level"),  # was read as the empty config
 ])
 def test_config_errors_name_the_key_path(data, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
         parse_config(data)
+
+
+def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_bytes(b"models: \xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
 
 
 # ---- the SLO file (controller/slo.py) -----------------------------------------------------------------
