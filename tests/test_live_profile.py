@@ -5,7 +5,8 @@ without mirroring, each request answered once."""
 
 import asyncio
 import json
-import re
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -257,29 +258,53 @@ def deploy(slo, candidate_id: str, depth: int, app_name: str, prefix: str) -> No
     serve.run(ingress, name=app_name, route_prefix=prefix)
 
 
-def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(tmp_path, tiny_chat_model_dir):
+@pytest.fixture
+def ray_serve():
+    """(HTTP base URL, metrics URL) of a Ray Serve of this test's own on 127.0.0.1, shut down after;
+    None when this process already runs a Ray (the suite's `served`)."""
     import ray
     from ray import serve
 
     from conftest import free_port
+
+    if ray.is_initialized():
+        yield None
+        return
+    port, metrics_port = free_port(), free_port()
+    # address="local": a Ray of its own even while another is running on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
+    try:  # Ray is shut down whatever fails
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(tmp_path, tiny_chat_model_dir,
+                                                                               ray_serve):
+    import ray
+    from ray import serve
+
     from controller.actor import start_controller
     from controller.live_profile import start_profiler
     from controller.selector import initial_choice
 
-    if ray.is_initialized():  # another test's Serve holds the HTTP options; this test needs its own
-        pytest.skip("Ray is already running in this process")
+    if ray_serve is None:  # this process's Ray is another test's: run in a child process with a Ray of its own
+        name = "test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin"
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
+                               capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+        return
     slo = tiny_slo(tmp_path, llama=tiny_chat_model_dir("llama"), qwen=tiny_chat_model_dir("qwen2"))
-    port, metrics_port = free_port(), free_port()
-    base_url = f"http://127.0.0.1:{port}/live-test"
-    # address="local": a Ray of its own even while another is running on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
-    try:  # from here on Ray is shut down whatever fails
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base_url, metrics_url = ray_serve[0] + "/live-test", ray_serve[1]
+    controller = profiler = None
+    try:  # what this test starts is stopped whatever fails
         first = initial_choice(slo, REPO)
         # no apply: this test deploys the choice itself; the handle is kept (a named actor whose
         # handles are all gone is collected)
-        controller = start_controller(slo, REPO)  # noqa: F841
+        controller = start_controller(slo, REPO)
         deploy(slo, first.candidate, first.depth, "helios-live-test", "/live-test")
         baseline = [ask(base_url, i) for i in range(len(PROMPTS))]  # no profiler yet: nothing mirrored
 
@@ -292,7 +317,7 @@ def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(
                 time.sleep(0.5)
         status = ray.get(profiler.status.remote())
         answered = len(baseline) + len(mirrored)
-        counted = settled(lambda: engine_requests(f"http://127.0.0.1:{metrics_port}/metrics"), answered)
+        counted = settled(lambda: engine_requests(metrics_url), answered)
 
         key = {"Authorization": f"Bearer {ADMIN_KEY}"}
         admin, newest = [httpx.get(base_url + "/admin/controller", params={"limit": limit}, timeout=30, headers=key)
@@ -302,8 +327,10 @@ def test_mirrored_requests_are_profiled_on_the_shortlist_and_shown_to_the_admin(
             ("/ops/controller", {"Authorization": f"Bearer {ADMIN_KEY}"}),  # not the configured prefix
             ("/admin/engine", {"Authorization": f"Bearer {ADMIN_KEY}"})]]  # admin_routes is off
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("helios-live-test")
+        for actor in (controller, profiler):
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
 
     assert status["rounds"] == 1, (status, len(mirrored))
     assert len(mirrored) >= slo.profiling_prompts
