@@ -26,11 +26,11 @@ from controller.reassess import ControllerState, Decision, reassess, start
 from controller.repository import Repository
 from controller.slo import SLOConfig
 from controller.switcher import tag as switcher_tag
+from deployments.config import ACTORS_NAMESPACE, CONTROLLER_ACTOR
 from helios.stats import StepStats
 
 logger = logging.getLogger("helios.controller")
-ACTOR_NAME = "helios-controller"
-NAMESPACE = "helios"
+ACTOR_NAME, NAMESPACE = CONTROLLER_ACTOR, ACTORS_NAMESPACE
 Apply = Callable[[SLOConfig, Repository, str, int], object]
 
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from controller import history
+from controller.metrics import ControllerMetrics
 from controller.profile_command import engine_options, greedy_run, latency_figures, word_agreement
 from controller.repository import Repository
 from controller.selector import shortlist
@@ -201,8 +202,11 @@ class LiveProfiler:
 
     def __init__(self, slo: SLOConfig, repository: Repository, max_tokens: int = MAX_TOKENS,
                  min_interval_s: float = MIN_INTERVAL_S, kv_cache_memory: int = KV_CACHE_MEMORY,
-                 threads: int = 1, served: Callable[[], dict | None] | None = controller_state):
+                 threads: int = 1, served: Callable[[], dict | None] | None = controller_state,
+                 metrics: bool = False):
         self.slo, self.repository = slo, repository
+        # helios_profiling_runs_total, where a Ray metrics exporter runs (the actor, not unit tests)
+        self.metrics = ControllerMetrics(slo.model) if metrics else None
         self.max_tokens, self.min_interval_s, self.kv_cache_memory = max_tokens, min_interval_s, kv_cache_memory
         self.threads, self.served = threads, served
         self.lock = threading.Lock()
@@ -242,7 +246,9 @@ class LiveProfiler:
 
             torch.set_num_threads(self.threads)
             served = self.served() if self.served else None
-            profile_round(self.slo, self.repository, samples, served, self.max_tokens, self.kv_cache_memory)
+            records = profile_round(self.slo, self.repository, samples, served, self.max_tokens, self.kv_cache_memory)
+            if self.metrics is not None:
+                self.metrics.profiled(sum("error" not in record for record in records))
         except Exception:
             logger.exception("live profiling round failed")
         finally:
@@ -270,7 +276,7 @@ def start_profiler(slo: SLOConfig, repository: Repository, detached: bool = Fals
     actor_options = {"name": PROFILER_ACTOR, "namespace": NAMESPACE, "get_if_exists": True}
     if detached:
         actor_options["lifetime"] = "detached"
-    return _actor_class().options(**actor_options).remote(slo, repository, **options)
+    return _actor_class().options(**actor_options).remote(slo, repository, **{"metrics": True, **options})
 
 
 def get_profiler():

@@ -101,11 +101,18 @@ class AutoscalingConfig(_Strict):
         return options
 
 
+# The HELIOS controller's named Ray actors (controller/actor.py, controller/live_profile.py); named
+# here because replicas and the ingress look them up and deployments/ does not import controller/
+ACTORS_NAMESPACE = "helios"
+CONTROLLER_ACTOR = "helios-controller"
+PROFILER_ACTOR = "helios-profiler"
+
+
 class ControllerLink(_Strict):
     """Where a replica sends its engine steps (set by the controller's switcher, not by hand)."""
 
-    actor: str = "helios-controller"  # the controller's named Ray actor
-    namespace: str = "helios"  # its Ray namespace
+    actor: str = CONTROLLER_ACTOR  # the controller's named Ray actor
+    namespace: str = ACTORS_NAMESPACE  # its Ray namespace
     tag: str = ""  # sent with every batch: the choice (candidate@depth) this replica serves
 
 

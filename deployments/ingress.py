@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP ingress: FastAPI on Serve, one `LLMServer` deployment per model."""
 
 import asyncio
+import time
 from dataclasses import replace
 from typing import AsyncIterator
 
@@ -24,6 +25,7 @@ from deployments.responses import ChoiceState, ResponseBuilder, sse_event
 
 app = FastAPI(title="Helios", description="OpenAI-compatible serving of early-exit LLMs")
 app.add_middleware(Guard)  # keys, body size and shutdown are checked before FastAPI parses a byte
+CARD_TTL_S = 5.0  # how long /v1/models may show a card read earlier
 
 # every status a /v1 route answers besides 200, each with OpenAI's error body (FastAPI's 422 never
 # happens: validation errors are 400s, as OpenAI's are)
@@ -141,7 +143,7 @@ class OpenAIIngress:
             log_prompts=config.ingress.log_prompts, retry_after_s=config.ingress.retry_after_s)
         app.state.guard = self.guard
         self.shutdown = asyncio.Event()  # set when shutdown's grace period is over
-        self._cards: dict[str, dict] = {}
+        self._cards: dict[str, tuple[float, dict]] = {}  # model -> (monotonic time read, card)
         self.mirror = Mirror()  # finished requests to the live profiler, when one runs (deployments/mirror.py)
 
     @app.get("/health", responses={503: {"description": "shutting down"}})
@@ -190,10 +192,13 @@ class OpenAIIngress:
 
     @app.get("/v1/models", responses=_ERRORS)
     async def list_models(self) -> dict:
-        missing = [m for m in self.models if m not in self._cards]
-        cards = await asyncio.gather(*(self.models[m].model_card.remote() for m in missing))
-        self._cards.update(zip(missing, cards))
-        return {"object": "list", "data": [self._cards[m] for m in self.models]}
+        # cards are kept for CARD_TTL_S only: the controller may redeploy a model at another depth or
+        # candidate, and a card read during the surge may come from the replica being replaced
+        now = time.monotonic()
+        stale = [m for m in self.models if now - self._cards.get(m, (-CARD_TTL_S, None))[0] >= CARD_TTL_S]
+        cards = await asyncio.gather(*(self.models[m].model_card.remote() for m in stale))
+        self._cards.update((m, (now, card)) for m, card in zip(stale, cards))
+        return {"object": "list", "data": [self._cards[m][1] for m in self.models]}
 
     @app.post("/v1/completions", responses=_GENERATION)
     async def completions(self, body: CompletionRequest):

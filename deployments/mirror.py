@@ -25,10 +25,9 @@ import time
 
 import ray
 
+from deployments.config import ACTORS_NAMESPACE as NAMESPACE, CONTROLLER_ACTOR, PROFILER_ACTOR
+
 logger = logging.getLogger("ray.serve.helios.mirror")
-NAMESPACE = "helios"
-PROFILER_ACTOR = "helios-profiler"  # controller/live_profile.py's actor
-CONTROLLER_ACTOR = "helios-controller"  # controller/actor.py's actor (the admin routes ask it)
 REFRESH_S = 2.0  # how stale the "profiler wants samples" flag may be
 WANTS_TIMEOUT_S = 5.0
 
