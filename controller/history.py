@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.reassess import ControllerState, Decision
+from controller.reassess import SAFETY, ControllerState, Decision
 
 
 def append(path: str | Path, kind: str, record: dict) -> None:
@@ -66,5 +66,8 @@ def resume_state(records: list[dict]) -> ControllerState | None:
     last = decisions[-1]
     changes = [d for d in decisions if (d["candidate"], d["depth"]) != (d["previous_candidate"], d["previous_depth"])]
     last_change = changes[-1]["request_count"] if changes else 0
+    # what safety changes left (reassess drops the marks once they expire)
+    breached = tuple((d["previous_candidate"], d["previous_depth"], d["request_count"]) for d in changes
+                     if d.get("reason", "").startswith(SAFETY) and d["previous_candidate"] is not None)
     return ControllerState(last["candidate"], last["depth"], requests=last["request_count"],
-                           last_change_request=last_change)
+                           last_change_request=last_change, breached=breached)

@@ -27,6 +27,11 @@ from controller.slo import SLOConfig
 
 TRIGGERS = ("start", "interval", "breaches")
 ACTIONS = ("start", "stay", "deepen", "shrink", "switch")
+# A candidate left for safety (breaches, or a broken constraint) is not chosen again at that depth or
+# shallower for this many reassessment intervals: the controller has live figures only for what it serves, so
+# the repository alone would rate the candidate it just left as good as before, and switch back.
+BREACH_MEMORY_INTERVALS = 10
+SAFETY = "safety: "  # how the reason of a change made for safety begins (history and metrics read it)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,14 @@ class ControllerState:
     last_change_request: int = 0
     proposal: tuple[str, int] | None = None  # the gain change seen at the last reassessments
     proposal_count: int = 0
+    breached: tuple[tuple[str, int, int], ...] = ()  # (candidate, depth, request count) left for safety
+
+
+def recently_breached(state: ControllerState, estimate: Estimate) -> bool:
+    """Whether `estimate` is another candidate left for safety at its depth or deeper (marks older
+    than BREACH_MEMORY_INTERVALS are dropped by `reassess`)."""
+    return estimate.candidate != state.candidate and any(
+        candidate == estimate.candidate and estimate.depth <= depth for candidate, depth, _ in state.breached)
 
 
 def start(slo: SLOConfig, repository: Repository) -> tuple[Decision, ControllerState]:
@@ -86,7 +99,8 @@ def _options(slo: SLOConfig, repository: Repository, state: ControllerState,
     current = next((e for e in same if e.depth == state.depth), None)
     if current is None:
         raise ValueError(f"no repository figures for {state.candidate} at depth {state.depth}")
-    others = [e for e in shortlist(slo, repository) if e.candidate != state.candidate]
+    others = [e for e in shortlist(slo, repository)
+              if e.candidate != state.candidate and not recently_breached(state, e)]
     return current, [e for e in same if e.depth != state.depth], others
 
 
@@ -108,7 +122,10 @@ def reassess(slo: SLOConfig, repository: Repository, state: ControllerState, liv
     """Decide after an interval (or a breach-window overflow); return the record and the next state."""
     if trigger not in TRIGGERS[1:]:
         raise ValueError(f"trigger must be interval or breaches, got {trigger!r}")
-    state = dataclasses.replace(state, requests=state.requests + live.finished_requests)
+    requests = state.requests + live.finished_requests
+    memory = BREACH_MEMORY_INTERVALS * slo.reassess_every
+    state = dataclasses.replace(state, requests=requests,
+                                breached=tuple(mark for mark in state.breached if requests - mark[2] < memory))
     current, same, others = _options(slo, repository, state, live)
     inputs = {"live_depth": live.depth, "live_tokens": live.generated_tokens, "live_breaches": live.breaches,
               "live_breach_share": live.breach_share(), "live_exit_distribution": live.exit_distribution(),
@@ -129,9 +146,11 @@ def reassess(slo: SLOConfig, repository: Repository, state: ControllerState, liv
             choice = fallback(slo, repository)
             if (choice.candidate, choice.depth) == (state.candidate, state.depth):
                 return decide("stay", f"{why}; {how}, already at the fallback", current, state)
+        breached = state.breached + ((state.candidate, state.depth, state.requests),)
         changed = dataclasses.replace(state, candidate=choice.candidate, depth=choice.depth,
-                                      last_change_request=state.requests, proposal=None, proposal_count=0)
-        return decide(_action(state, choice), f"safety: {why}; {how}", choice, changed)
+                                      last_change_request=state.requests, proposal=None, proposal_count=0,
+                                      breached=breached)
+        return decide(_action(state, choice), f"{SAFETY}{why}; {how}", choice, changed)
 
     best = rank([e for e in [current, *same, *others] if e.feasible])[0]
     if (best.candidate, best.depth) == (state.candidate, state.depth):

@@ -202,3 +202,31 @@ def test_breaches_choose_the_cheaper_of_deepen_and_switch():
     record = json.loads(json.dumps(decision.to_dict()))  # every decision is a JSON record
     assert record["previous_candidate"] == "small" and record["inputs"]["breaches_in_window"] == 70
     assert {o["candidate"] for o in record["options"]} == {"small", "mid"}
+
+
+def test_a_candidate_left_for_breaches_is_not_chosen_back_for_a_gain():
+    """Breaches force `small` (one depth, so no deeper load) onto `mid`; the repository still rates
+    `small` 1.67x better, but it is not chosen back until BREACH_MEMORY_INTERVALS have passed."""
+    from controller.history import resume_state
+    from controller.reassess import BREACH_MEMORY_INTERVALS
+
+    config = slo(candidates=[{"id": "small", "depths": [4]}, {"id": "mid", "depths": [8]}],
+                 constraints={"min_quality": 0.4, "min_agreement": 0.8},
+                 hysteresis={"stable_reassessments": 1, "min_requests_between_changes": 0}, reassess_every=10)
+    repo = repository(small=small(), mid=mid())
+    live = IntervalStats(4, Counter({4: 100}), 70, 100, finished_requests=10)
+    decision, state = reassess(config, repo, ControllerState("small", 4), live, breaches_in_window=70,
+                               trigger="breaches")
+    assert (decision.action, state.candidate) == ("switch", "mid") and state.breached == (("small", 4, 10),)
+    calm = {"mid": IntervalStats(8, Counter({8: 100}), 0, 100, finished_requests=10),
+            "small": IntervalStats(4, Counter({4: 100}), 0, 100, finished_requests=10)}
+    actions = []
+    for _ in range(BREACH_MEMORY_INTERVALS + 1):
+        decision, state = reassess(config, repo, state, calm[state.candidate], breaches_in_window=0)
+        actions.append(decision.action)
+    assert actions == ["stay"] * (BREACH_MEMORY_INTERVALS - 1) + ["switch", "stay"]
+    assert state.candidate == "small" and state.breached == ()
+    # a restarted controller keeps the mark: its history holds the safety switch
+    first = reassess(config, repo, ControllerState("small", 4), live, breaches_in_window=70, trigger="breaches")[0]
+    resumed = resume_state([{"kind": "decision", **json.loads(json.dumps(first.to_dict()))}])
+    assert resumed.breached == (("small", 4, 10),)
