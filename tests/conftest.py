@@ -79,7 +79,8 @@ def served(tiny_chat_model_dir):
     metrics_port = free_port()
     if ray.is_initialized():  # a test that started its own Ray and failed before shutting it down
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+    # address="local": a Ray of its own, never one another process started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 500})
     tiny = {"num_cpus": 0, "engine": {"kv_cache_memory": "16MiB"}}
     models = [{"id": "tiny", "source": str(tiny_chat_model_dir("llama")), "stream_chunks_per_step": 1, **tiny},
