@@ -238,7 +238,7 @@ def test_small_load_loses_nothing(served):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # last: bench/controller.py must not hide the controller package
     from load import run_load
 
     report = asyncio.run(run_load(served["base_url"], "tiny-busy", count=100, rate=40, max_tokens=32,
@@ -258,7 +258,7 @@ def test_saturation_counts_every_completed_request():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # last: bench/controller.py must not hide the controller package
     from load import saturation_rate
 
     async def handler(request: httpx.Request) -> httpx.Response:

@@ -4,7 +4,7 @@ request (every output equals the unscheduled greedy one)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # last: bench/controller.py must not hide the controller package
 
 from length_static import fixed_batches, serve_fixed, serve_vbs_fcr, vbs_batches  # noqa: E402
 
