@@ -5,6 +5,14 @@ Decode rows attend in groups of similar context length, each group over its own 
 context: the K/V gather is the larger part of decode attention here, and with contexts of
 mixed length a third of it was padding. A sliding-window layer (Gemma 3's local layers)
 attends to the last `window` positions only, the query's own included.
+
+Decode kernels (`AttentionMetadata.decode_kernel`), both over K/V gathered so that each
+(row, kv head) context is one contiguous matrix (the cache is kv-head-major): `sdpa`
+(default) hands it to scaled_dot_product_attention, with the very numerics of the previous
+layout; `matmul` runs two batched matmuls around a float32 softmax. In a batch-64 decode
+step A/B (bench/decode_step_ab.py, bench/results/README.md) `sdpa` was 1.09-1.2x faster than
+the previous layout in bf16 and `matmul` within noise of it (fp32: no difference beyond the
+noise for either), so the default keeps SDPA's numerics.
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from helios.kv_cache import KVCache
+
+
+DECODE_KERNELS = ("sdpa", "matmul")
 
 
 @dataclass
@@ -34,6 +45,7 @@ class AttentionMetadata:
     decode_groups: list[tuple[int, int, int]]  # (row start, row end, blocks): decode rows by context length
     prefill: list[PrefillChunk]
     decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context length of each decode row
+    decode_kernel: str = "sdpa"  # one of DECODE_KERNELS
     _window_masks: dict = field(default_factory=dict)
 
     def decode_mask_for(self, window: int | None) -> torch.Tensor:
@@ -95,13 +107,30 @@ def _decode_attention(cache: KVCache, layer: int, q: torch.Tensor, meta: Attenti
     for start, end, blocks in meta.decode_groups:
         picked = slice(start, end) if rows is None else rows[(rows >= start) & (rows < end)]
         if rows is None or len(picked):  # slices for all rows: views, not index copies
-            outs.append(_paged_decode(cache, layer, q[picked], meta.decode_blocks[picked, :blocks],
-                                      mask[picked, :blocks * span]))
+            kernel = _matmul_decode if meta.decode_kernel == "matmul" else _sdpa_decode
+            outs.append(kernel(cache, layer, q[picked], meta.decode_blocks[picked, :blocks],
+                               mask[picked, :blocks * span]))
     return None if not outs else outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _paged_decode(cache: KVCache, layer: int, q: torch.Tensor, blocks: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+def _matmul_decode(cache: KVCache, layer: int, q: torch.Tensor, blocks: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """One-token attention of rows q [R, H, D] over their block tables: [R, H*D], by two batched matmuls."""
+    k, v = cache.gather_heads(layer, blocks)  # [Hkv, R, L, D], contiguous
+    heads, rows, length, dim = k.shape
+    # a kv head's query heads are the query rows of one [group x context] problem per (kv head, row)
+    grouped = q.view(rows, heads, -1, dim).transpose(0, 1).reshape(heads * rows, -1, dim)
+    # scores in float32 from float32 operands, as SDPA's kernel keeps them: bf16 scores (transformers'
+    # eager path) were 12x further from a float64 reference than SDPA where attention is peaked
+    scores = torch.bmm(grouped.float(), k.view(heads * rows, length, dim).transpose(1, 2).float()) * dim**-0.5
+    scores = scores.view(heads, rows, -1, length).masked_fill_(~mask[None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(heads * rows, -1, length)
+    out = torch.bmm(probs, v.view(heads * rows, length, dim))  # [Hkv*R, group, D]
+    return out.view(heads, rows, -1).transpose(0, 1).reshape(rows, -1)
+
+
+def _sdpa_decode(cache: KVCache, layer: int, q: torch.Tensor, blocks: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
     """One-token attention of rows q [R, H, D] over their block tables: [R, H*D]."""
     k, v = cache.gather(layer, blocks)
     # A kv head's query heads become its query rows: SDPA then sees no GQA and one

@@ -1,4 +1,10 @@
-"""Paged K/V storage for the loaded layers: fixed-size blocks, written by slot, read by block table."""
+"""Paged K/V storage for the loaded layers: fixed-size blocks, written by slot, read by block table.
+
+Layout [layers, kv_heads, blocks, block_size, head_dim] (kv head outermost): gathering a
+batch's blocks gives each (kv head, row) its context as one contiguous [context, head_dim]
+matrix, which batched matmuls read as they are (decode attention); with the kv head inside
+the block, every (row, kv head) matrix came out strided and attention copied it again.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +17,30 @@ def slot_mapping(block_table: list[int], block_size: int, start: int, end: int) 
 
 
 class KVCache:
-    """K and V as [layers, blocks, block_size, kv_heads, head_dim]; a block holds `block_size` tokens."""
+    """K and V as [layers, kv_heads, blocks, block_size, head_dim]; a block holds `block_size` tokens."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K/V rows [T, kv_heads, head_dim] into their slots of `layer`."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+        heads, dim = k.shape[1:]
+        self.k[layer].view(heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))
+        self.v[layer].view(heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
 
-    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of whole blocks [B, kv_heads, blocks * block_size, head_dim] for block tables [B, blocks]."""
+    def gather_heads(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of whole blocks [kv_heads, B, blocks * block_size, head_dim], contiguous, for tables [B, blocks]."""
         b, n = block_tables.shape
         flat = block_tables.flatten()
-        k, v = self.k[layer].index_select(0, flat), self.v[layer].index_select(0, flat)
-        shape = (b, n * self.block_size, *k.shape[2:])
-        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        k, v = self.k[layer].index_select(1, flat), self.v[layer].index_select(1, flat)
+        shape = (k.shape[0], b, n * self.block_size, k.shape[-1])
+        return k.view(shape), v.view(shape)
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of whole blocks [B, kv_heads, blocks * block_size, head_dim] (a strided view) for tables [B, blocks]."""
+        k, v = self.gather_heads(layer, block_tables)
+        return k.transpose(0, 1), v.transpose(0, 1)

@@ -12,6 +12,7 @@ rows' K/V for the skipped layers are written in the same matmul as the running r
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from helios.attention import AttentionMetadata, PrefillChunk, attention, decode_
 from helios.early_exit import ExitState
 from helios.exits import ExitHead
 from helios.kv_cache import KVCache, slot_mapping
-from helios.model import DecoderModel
+from helios.model import DecoderLayer, DecoderModel
 from helios.scheduler import Chunk
 
 
@@ -66,14 +67,18 @@ class ModelRunner:
         # first-token states prefill keeps (the head's, or the tuning tool's); empty: off
         self.length_head = None
         self.capture_layers: frozenset[int] = frozenset()
+        self.decode_kernel = "sdpa"  # helios.attention.DECODE_KERNELS; bench/decode_step_ab.py measures them
+        # a layer's dense parts (norms, projections, RoPE, MLP); compile_layers() swaps in compiled ones
+        self.layer_qkv, self.layer_finish = DecoderLayer.qkv, DecoderLayer.finish
 
+    # K/V as [layers, blocks, block_size, kv_heads, head_dim] views (the cache itself is kv-head-major)
     @property
     def k_cache(self) -> torch.Tensor:
-        return self.cache.k
+        return self.cache.k.permute(0, 2, 3, 1, 4)
 
     @property
     def v_cache(self) -> torch.Tensor:
-        return self.cache.v
+        return self.cache.v.permute(0, 2, 3, 1, 4)
 
     # ---- inputs -------------------------------------------------------------------
 
@@ -116,7 +121,7 @@ class ModelRunner:
             if c.sample:
                 sample_rows.append(row - 1)
         meta = AttentionMetadata(len(decode), decode_blocks.to(self.device), decode_mask.to(self.device),
-                                 decode_groups(blocks_used), chunks, ctx_lens.to(self.device))
+                                 decode_groups(blocks_used), chunks, ctx_lens.to(self.device), self.decode_kernel)
         return meta, sample_rows
 
     # ---- the step -----------------------------------------------------------------
@@ -131,15 +136,16 @@ class ModelRunner:
         all_alive = True
         states: dict[int, torch.Tensor] = {}  # length head: first-token rows' states by layer
         for index, layer in enumerate(model.layers):
-            q, k, v = layer.qkv(hidden, cos, sin)  # every row: this is also the KV fill of exited rows
+            q, k, v = self.layer_qkv(layer, hidden, cos, sin)  # every row: this is also the KV fill of exited rows
             self.cache.write(index, inp.slot_mapping, k, v)
             if all_alive:
-                hidden = layer.finish(hidden, attention(self.cache, index, q, inp.attention, None, layer.sliding_window))
+                hidden = self.layer_finish(layer, hidden, attention(self.cache, index, q, inp.attention, None,
+                                                                    layer.sliding_window))
             elif bool(exits.alive.any()):
                 rows = exits.alive.nonzero().squeeze(1)
                 attn = attention(self.cache, index, q, inp.attention, rows[rows < inp.attention.num_decode],
                                  layer.sliding_window)
-                hidden = hidden.index_copy(0, rows, layer.finish(hidden[rows], attn[rows]))
+                hidden = hidden.index_copy(0, rows, self.layer_finish(layer, hidden[rows], attn[rows]))
             ran = index + 1
             if inp.first_rows is not None and ran in self.capture_layers:
                 states[ran] = hidden[inp.sample_rows[inp.first_rows]]
@@ -153,6 +159,22 @@ class ModelRunner:
         logits, unconfident = exits.finish(self.last_head, hidden)
         return StepResult(logits, exits.exit_layers, unconfident if self.prefix_mode else 0,
                           self._predict_lengths(inp, states), states)
+
+    def compile_layers(self, warmup_rows: tuple[int, ...] = (1, 8)) -> float:
+        """Compile the layers' dense parts with inductor, one graph for every row count (dynamic
+        shapes: only 1 row gets its own), and run them once per entry of `warmup_rows` so that
+        compiling happens here, not in the first request. Returns the seconds it took."""
+        start = time.perf_counter()
+        self.layer_qkv = torch.compile(DecoderLayer.qkv, dynamic=True)
+        self.layer_finish = torch.compile(DecoderLayer.finish, dynamic=True)
+        model, layer = self.model, self.model.layers[0]
+        with torch.inference_mode():
+            for rows in warmup_rows:
+                hidden = model.embed_tokens(torch.zeros(rows, dtype=torch.long, device=self.device))
+                cos, sin = model.rope(torch.arange(rows, device=self.device))
+                q, _, _ = self.layer_qkv(layer, hidden, cos, sin)
+                self.layer_finish(layer, hidden, q.flatten(1))
+        return time.perf_counter() - start
 
     def _predict_lengths(self, inp: StepInputs, states: dict[int, torch.Tensor]) -> dict[int, int]:
         """{sampled index: predicted length} from the states kept this step (a few small matmuls)."""
