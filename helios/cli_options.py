@@ -44,6 +44,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, only: set[str] | None 
     hints = typing.get_type_hints(EngineConfig)  # the annotations are strings (postponed evaluation)
     for f in _engine_fields(only):
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if hints[f.name] is bool:  # a switch: --compile-layers / --no-compile-layers
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=default, help=f.metadata["help"])
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), type=_parser_for(hints[f.name]), default=default,
                             choices=f.metadata.get("choices"), help=f.metadata["help"])
 

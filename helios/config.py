@@ -56,6 +56,8 @@ class EngineConfig:
                                              "length_head spf orders as fcfs", choices=SCHEDULING_POLICIES)
     length_aging: float = _option(20.0, "spf aging: tokens of predicted length forgiven per second waited "
                                         "(a request is overtaken only by arrivals within predicted/aging s)")
+    compile_layers: bool = _option(False, "compile the layers' dense parts with torch.compile (inductor) at start-up; "
+                                          "off: measured slower on a 2-core CPU (bench/results: decode step A/B)")
     seed: int = _option(0, "seed of the engine's own random draws (synthetic exits)", cli=False)
 
     def __post_init__(self) -> None:

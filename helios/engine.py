@@ -90,6 +90,8 @@ class LLMEngine:
                     num_blocks, config.block_size, capacity, capacity * per_token / 2**20)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, heads, config.exit_policy,
                                   confidence, config.exit_profile, config.seed)
+        if config.compile_layers:  # compiled and warmed up here, so the first request does not pay for it
+            logger.info("compiled the layers in %.1f s", self.runner.compile_layers())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    make_policy(config.scheduling_policy, self.blocks, config.length_aging))
         if config.length_head:
