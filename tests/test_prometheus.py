@@ -77,8 +77,9 @@ from telemetry.metrics import CONTROLLER, ENERGY, LENGTH, SERVING  # noqa: E402
 # What runs in this test, and why the rest is absent. A query that reads a metric of a
 # component not running here must be empty; every other query must return data.
 ABSENT = {
-    CONTROLLER: "no controller deployment exists yet (controller/ is pure functions; its Serve actor lands later)",
-    LENGTH: "no length predictor runs yet: no request carries a predicted length",
+    CONTROLLER: "this stack serves no SLO file, so no controller runs (tests/test_controller_serve.py checks "
+                "its metrics through Ray's endpoint)",
+    LENGTH: "the tiny test models have no length head: no request carries a predicted length",
     ENERGY: "this machine exposes neither RAPL (/sys/class/powercap) nor an NVIDIA GPU",
 }
 if open_meter(gpu=False) is not None:  # a machine with RAPL: the energy panels must fill
