@@ -7,7 +7,7 @@ that the HELIOS controller may change while requests run (in one process, no Ray
   background thread while the old engine keeps serving (as the switcher's surge does on Ray
   Serve); once loaded, new requests go to it and the old engine drains: its in-flight requests
   finish there, none is moved or dropped. The load's time and CPU fall inside the run's wall time.
-- Controller: the pure functions of controller/ (start, reassess, BreachWindow, IntervalStats),
+- Controller: the pure functions of controller/ (start, ReassessLoop),
   fed the serving engine's StepStats exactly as controller.actor.Controller.observe does.
 - Synthetic exits (the ceiling): an engine built with an exit_profile draws each token's exit
   from it; `phase_profiles` replaces the profile when the workload's phase changes, so the
@@ -16,7 +16,6 @@ that the HELIOS controller may change while requests run (in one process, no Ray
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import threading
 import time
@@ -24,10 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from controller.memory import kv_cache_bytes
-from controller.observe import BreachWindow, IntervalStats
+from controller.memory import prefix_engine
 from controller.quality import answer_accuracy
-from controller.reassess import Decision, reassess, start
+from controller.reassess import Decision, ReassessLoop, start
 from controller.repository import Repository
 from controller.slo import SLOConfig
 from helios import EngineConfig, LLMEngine, SamplingParams
@@ -62,41 +60,29 @@ class Record:
 
 
 def engine_config(slo: SLOConfig, repository: Repository, candidate_id: str, depth: int) -> EngineConfig:
-    """The engine of `candidate_id` at `depth` with the KV cache the memory budget leaves (as
-    controller.switcher.model_config_for does for Serve; restated here to keep Ray out)."""
-    candidate = slo.candidate(candidate_id)
-    kv_bytes = kv_cache_bytes(repository.candidates[candidate_id], depth, slo.memory_budget)
-    return dataclasses.replace(candidate.engine_config(), max_layers=depth, kv_cache_memory=kv_bytes)
+    """The engine of `candidate_id` at `depth` with the KV cache the memory budget leaves (as the
+    switcher deploys it)."""
+    return prefix_engine(slo.candidate(candidate_id).engine_config(), repository.candidates[candidate_id], depth,
+                         slo.memory_budget)
 
 
 class Adaptive:
-    """The controller's decisions from its pure functions, mirroring Controller.observe."""
+    """The controller's decisions from its pure loop (controller.reassess.ReassessLoop, as the actor runs it)."""
 
     def __init__(self, slo: SLOConfig, repository: Repository):
-        self.slo, self.repository = slo, repository
-        decision, self.state = start(slo, repository)
+        decision, state = start(slo, repository)
+        self.loop = ReassessLoop(slo, repository, state)
         self.decisions: list[Decision] = [decision]
-        self._new_interval()
-
-    def _new_interval(self) -> None:
-        self.window = BreachWindow(self.slo.breach_window.tokens)
-        self.interval = IntervalStats(self.state.depth)
 
     @property
     def choice(self) -> tuple[str, int]:
-        return self.state.candidate, self.state.depth
+        return self.loop.state.candidate, self.loop.state.depth
 
     def observe(self, step) -> Decision | None:
         """Feed one step of the serving engine; the decision when a reassessment ran."""
-        self.window.observe(step)
-        self.interval.observe(step)
-        over = self.window.exceeds(self.slo.breach_window.limit)
-        if not over and self.interval.finished_requests < self.slo.reassess_every:
-            return None
-        decision, self.state = reassess(self.slo, self.repository, self.state, self.interval, self.window.count,
-                                        "breaches" if over else "interval")
-        self.decisions.append(decision)
-        self._new_interval()
+        decision = self.loop.observe([step])
+        if decision is not None:
+            self.decisions.append(decision)
         return decision
 
 

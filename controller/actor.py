@@ -21,8 +21,7 @@ import ray
 from controller import history
 from controller.applier import Applier
 from controller.metrics import ControllerMetrics
-from controller.observe import BreachWindow, IntervalStats
-from controller.reassess import ControllerState, Decision, reassess, start
+from controller.reassess import ControllerState, Decision, ReassessLoop, start
 from controller.repository import Repository
 from controller.slo import SLOConfig
 from controller.switcher import tag as switcher_tag
@@ -45,11 +44,12 @@ class Controller:
         records = history.read(slo.history)
         resumed = history.resume_state(records)
         if resumed is None:
-            decision, self.state = start(slo, repository)
+            decision, state = start(slo, repository)
+            self.loop = ReassessLoop(slo, repository, state)
             self.applier = self._applier(None)
             self._record(decision)
         else:
-            self.state = resumed
+            self.loop = ReassessLoop(slo, repository, resumed)
             deployed = history.applied_after_last_change(records)
             logger.info("resumed from %s: %s at %d layers, %d requests%s", slo.history, resumed.candidate,
                         resumed.depth, resumed.requests, "" if deployed else " (applying it again)")
@@ -58,7 +58,10 @@ class Controller:
                 self.metrics.serving(*self._target())
             else:
                 self.applier.submit(self._target())  # died during that redeploy: finish it
-        self._new_interval()
+
+    @property
+    def state(self) -> ControllerState:
+        return self.loop.state
 
     def _target(self) -> tuple[str, int]:
         return self.state.candidate, self.state.depth
@@ -77,10 +80,6 @@ class Controller:
         logger.info("applied %s@%d in %.1f s", *target, seconds)
         if self.metrics is not None:
             self.metrics.serving(*target)
-
-    def _new_interval(self) -> None:
-        self.window = BreachWindow(self.slo.breach_window.tokens)
-        self.interval = IntervalStats(self.state.depth)
 
     def _record(self, decision: Decision) -> None:
         """History first, then (for a change) the redeploy, in the background."""
@@ -104,16 +103,10 @@ class Controller:
             if tag is not None and tag != switcher_tag(*self._target()):
                 self.ignored_steps += len(steps)
                 return None
-            for step in steps:
-                self.window.observe(step)
-                self.interval.observe(step)
-            over = self.window.exceeds(self.slo.breach_window.limit)
-            if not over and self.interval.finished_requests < self.slo.reassess_every:
+            decision = self.loop.observe(steps)
+            if decision is None:
                 return None
-            decision, self.state = reassess(self.slo, self.repository, self.state, self.interval, self.window.count,
-                                            "breaches" if over else "interval")
             self._record(decision)
-            self._new_interval()
             return decision.to_dict()
 
     def deploy(self) -> None:
@@ -126,7 +119,7 @@ class Controller:
         `applied` (what runs), `applying` (a redeploy under way), `pending` (the next one), `apply_error`."""
         with self.lock:
             return {"candidate": self.state.candidate, "depth": self.state.depth, "requests": self.state.requests,
-                    "breaches_in_window": self.window.count, **self.applier.state()}
+                    "breaches_in_window": self.loop.window.count, **self.applier.state()}
 
     def history(self, limit: int = 100) -> list[dict]:
         return history.read(self.slo.history)[-limit:]

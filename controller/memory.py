@@ -8,12 +8,20 @@ engine module.
 
 from __future__ import annotations
 
+import dataclasses
+
 from controller.repository import CandidateProfile
+from helios.config import EngineConfig
 
 
 def kv_cache_bytes(profile: CandidateProfile, depth: int, budget: int) -> int:
     """Bytes left for K/V once the first `depth` layers' weights are loaded (0 when they do not fit)."""
     return max(0, budget - profile.weight_bytes(depth))
+
+
+def prefix_engine(engine: EngineConfig, profile: CandidateProfile, depth: int, budget: int) -> EngineConfig:
+    """`engine` loading the first `depth` layers, with the KV cache the budget leaves after them."""
+    return dataclasses.replace(engine, max_layers=depth, kv_cache_memory=kv_cache_bytes(profile, depth, budget))
 
 
 def blocks_held(profile: CandidateProfile, depth: int, budget: int, block_size: int = 16) -> int:

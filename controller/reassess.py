@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
-from controller.observe import IntervalStats
+from controller.observe import BreachWindow, IntervalStats
 from controller.repository import Repository
 from controller.selector import Estimate, allowed_depths, evaluate, fallback, initial_choice, rank, shortlist
 from controller.slo import SLOConfig
+from helios.stats import StepStats
 
 TRIGGERS = ("start", "interval", "breaches")
 ACTIONS = ("start", "stay", "deepen", "shrink", "switch")
@@ -173,3 +175,29 @@ def reassess(slo: SLOConfig, repository: Repository, state: ControllerState, liv
     changed = dataclasses.replace(state, candidate=best.candidate, depth=best.depth,
                                   last_change_request=state.requests, proposal=None, proposal_count=0)
     return decide(_action(state, best), f"gain: {gain:.2f}x on {slo.objective}", best, changed)
+
+
+class ReassessLoop:
+    """Live steps in, a decision out every `reassess_every` finished requests or at once when the
+    breach window overflows: the loop the controller actor runs (and the benchmark, without Ray)."""
+
+    def __init__(self, slo: SLOConfig, repository: Repository, state: ControllerState):
+        self.slo, self.repository, self.state = slo, repository, state
+        self._new_interval()
+
+    def _new_interval(self) -> None:
+        self.window = BreachWindow(self.slo.breach_window.tokens)
+        self.interval = IntervalStats(self.state.depth)
+
+    def observe(self, steps: Iterable[StepStats]) -> Decision | None:
+        """Feed engine steps; the decision when one was taken after them."""
+        for step in steps:
+            self.window.observe(step)
+            self.interval.observe(step)
+        over = self.window.exceeds(self.slo.breach_window.limit)
+        if not over and self.interval.finished_requests < self.slo.reassess_every:
+            return None
+        decision, self.state = reassess(self.slo, self.repository, self.state, self.interval, self.window.count,
+                                        "breaches" if over else "interval")
+        self._new_interval()
+        return decision

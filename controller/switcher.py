@@ -19,12 +19,11 @@ The surge needs room for both replicas at once (CPUs/GPUs and memory) while it l
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from ray import serve
 
-from controller.memory import kv_cache_bytes
+from controller.memory import prefix_engine
 from controller.repository import Repository
 from controller.slo import SLOConfig
 from deployments.app import build_app_from_config
@@ -45,8 +44,7 @@ def model_config_for(slo: SLOConfig, repository: Repository, candidate_id: str, 
     memory budget leaves after the prefix's weights, surge-first rolling updates, and (`controller`)
     where its replicas send their engine steps."""
     candidate = slo.candidate(candidate_id)
-    kv_bytes = kv_cache_bytes(repository.candidates[candidate_id], depth, slo.memory_budget)
-    engine = dataclasses.replace(candidate.engine, max_layers=depth, kv_cache_memory=kv_bytes)
+    engine = prefix_engine(candidate.engine, repository.candidates[candidate_id], depth, slo.memory_budget)
     owned = {"id", "depths", "engine", "max_surge_percent", "graceful_shutdown_timeout_s", "controller"}
     fields = candidate.model_dump(exclude=owned)
     link = controller.model_copy(update={"tag": tag(candidate_id, depth)}) if controller else None
