@@ -55,6 +55,34 @@ def tiny_chat_model_dir(tmp_path_factory):
     return _per_arch(tmp_path_factory, "tiny-chat", build)
 
 
+def post_chat(base_url: str, body: dict, timeout: float = 120) -> list[dict]:
+    """POST /v1/chat/completions: [the response body], or every streamed chunk (an error event raises,
+    and the stream must end with [DONE])."""
+    import json
+
+    import httpx
+
+    url = base_url + "/v1/chat/completions"
+    if not body.get("stream"):
+        response = httpx.post(url, json=body, timeout=timeout)
+        response.raise_for_status()
+        return [response.json()]
+    chunks, done = [], False
+    with httpx.stream("POST", url, json=body, timeout=timeout) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                chunks.append(chunk)
+    if not done:
+        raise RuntimeError("stream ended without [DONE]")
+    return chunks
+
+
 def free_port() -> int:
     import socket
 

@@ -2,12 +2,13 @@
 helpers of the end-to-end switch test (tests/test_controller_serve.py: the controller's own loop
 deepens and switches under traffic on a real local Ray Serve; every request must succeed)."""
 
-import json
 from collections import deque
 import threading
 import time
 
 import httpx
+
+from conftest import post_chat
 from controller.slo import parse_slo
 from controller.switcher import model_config_for
 from test_controller_repository import MiB, candidate, repository
@@ -82,25 +83,7 @@ class Clients:
     def _one(self, stream: bool) -> list[int]:
         body = {"model": "assistant", "max_tokens": 12, "stream": stream, "return_exit_layers": True,
                 "messages": [{"role": "user", "content": "The capital of France"}]}
-        url = self.base_url + "/v1/chat/completions"
-        if not stream:
-            response = httpx.post(url, json=body, timeout=120)
-            response.raise_for_status()
-            return response.json()["choices"][0]["exit_layers"]
-        layers, done = [], False
-        with httpx.stream("POST", url, json=body, timeout=120) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise RuntimeError(chunk["error"])
-                    layers += chunk["choices"][0].get("exit_layers") or []
-        if not done:
-            raise RuntimeError("stream ended without [DONE]")
-        return layers
+        return [layer for chunk in post_chat(self.base_url, body) for layer in chunk["choices"][0].get("exit_layers") or []]
 
     def _loop(self, index: int) -> None:
         n = 0

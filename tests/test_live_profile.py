@@ -4,7 +4,6 @@ tiny candidates, the admin route shows the live profiles, and clients get exactl
 without mirroring, each request answered once."""
 
 import asyncio
-import json
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from conftest import post_chat
 from controller import history, live_profile
 from controller.live_profile import LiveProfiler, Sample, live_record, parse_sample, profile_round, reply_lengths, \
     served_agreement, take
@@ -205,21 +205,10 @@ def ask(base_url: str, index: int) -> str:
     stream = index % 2 == 1
     body = {"model": "assistant", "max_tokens": 8, "temperature": 0, "stream": stream,
             "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]}
-    url = base_url + "/v1/chat/completions"
+    chunks = post_chat(base_url, body)
     if not stream:
-        response = httpx.post(url, json=body, timeout=120)
-        response.raise_for_status()
-        return response.json()["choices"][0]["message"]["content"]
-    text, done = "", False
-    with httpx.stream("POST", url, json=body, timeout=120) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-    assert done
-    return text
+        return chunks[0]["choices"][0]["message"]["content"]
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
 
 
 def engine_requests(metrics_url: str) -> float:
