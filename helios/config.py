@@ -33,7 +33,7 @@ class EngineConfig:
                          choices=DTYPES)
     kv_cache_memory: int = _option(1 * GiB, "bytes of K/V for the loaded layers; sets the block count")
     block_size: int = _option(16, "tokens per KV block")
-    max_num_seqs: int = _option(64, "sequences in the running batch at most")
+    max_num_seqs: int = _option(64, "sequences decoded per step at most")
     max_num_batched_tokens: int = _option(2048, "tokens per step at most (decodes first, then prompt chunks)")
     max_model_len: int | None = _option(None, "context length (default: the model's, capped by the cache)")
     exit_policy: str = _option("none", "none (full depth), batch (leave together) or token (each row its own exit)",
@@ -56,6 +56,9 @@ class EngineConfig:
                                              "length_head spf orders as fcfs", choices=SCHEDULING_POLICIES)
     length_aging: float = _option(20.0, "spf aging: tokens of predicted length forgiven per second waited "
                                         "(a request is overtaken only by arrivals within predicted/aging s)")
+    length_lookahead: int = _option(64, "spf: sequences admitted beyond max_num_seqs, prefilled so that their "
+                                        "length is predicted, and parked until they rank among the "
+                                        "max_num_seqs shortest (0: rank only sequences back from preemption)")
     compile_layers: bool = _option(False, "compile the layers' dense parts with torch.compile (inductor) at start-up; "
                                           "off: measured slower on a 2-core CPU (bench/results: decode step A/B)")
     seed: int = _option(0, "seed of the engine's own random draws (synthetic exits)", cli=False)
@@ -69,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.confidence is not None and self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
+        if self.length_lookahead < 0:
+            raise ValueError(f"length_lookahead must be >= 0, got {self.length_lookahead}")
         for name in ("kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

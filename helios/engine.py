@@ -93,7 +93,8 @@ class LLMEngine:
         if config.compile_layers:  # compiled and warmed up here, so the first request does not pay for it
             logger.info("compiled the layers in %.1f s", self.runner.compile_layers())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   make_policy(config.scheduling_policy, self.blocks, config.length_aging))
+                                   make_policy(config.scheduling_policy, self.blocks, config.length_aging,
+                                               config.length_lookahead))
         if config.length_head:
             self.runner.length_head = load_length_head(config.length_head, self.arch.hidden_size, self.arch.num_layers)
             if max(self.runner.length_head.layers) > self.num_loaded_layers:

@@ -19,6 +19,19 @@ time t is admitted before every sequence that arrives after t + (p - p_min) / ag
 that arrive within p / aging seconds after S can overtake it. With aging = 20 tokens/s
 and a 512-token cap that window is 25.6 s. aging = 0 is pure SPF (long work can starve).
 
+Fresh arrivals have no prediction until their prefill ran, so `spf` admits up to
+`lookahead` sequences beyond `max_num_seqs`: they are prefilled at once (first token and
+prediction), and every step the `max_num_seqs` prefilled sequences with the smallest
+
+    decode key = predicted_remaining + aging * arrival_time
+
+decode while the rest are parked with their KV blocks (shortest remaining work first: a
+long answer already decoding yields its slot to a shorter newcomer, and takes it back
+without recomputation). The same bound holds for a parked sequence: its key is fixed while
+it is parked and a running one's only falls, so only arrivals within remaining / aging
+seconds after it can overtake it. Without a length head every key is
+`unknown_length + aging * arrival_time`, i.e. arrival order.
+
 Preemption victim: the sequence with the longest predicted remaining work
 (predicted - generated; `max_tokens` when there is no prediction), the latest admitted on ties.
 
@@ -39,6 +52,7 @@ from helios.scheduler import FCFSPolicy, SchedulingPolicy
 from helios.sequence import Sequence
 
 DEFAULT_AGING = 20.0  # tokens of predicted length forgiven per second waited
+DEFAULT_LOOKAHEAD = 64  # sequences prefilled beyond max_num_seqs so that they can be ranked
 
 
 def remaining_work(seq: Sequence) -> int:
@@ -87,11 +101,18 @@ class SPFQueue:
 
 
 class SPFPolicy(FCFSPolicy):
-    def __init__(self, aging: float = DEFAULT_AGING, unknown_length: int = 0):
-        self.aging, self.unknown_length = aging, unknown_length
+    def __init__(self, aging: float = DEFAULT_AGING, unknown_length: int = 0, lookahead: int = DEFAULT_LOOKAHEAD):
+        self.aging, self.unknown_length, self.lookahead = aging, unknown_length, lookahead
 
     def new_queue(self) -> SPFQueue:
         return SPFQueue(self.aging, self.unknown_length)
+
+    def decode_key(self, seq: Sequence) -> float:
+        remaining = self.unknown_length if seq.predicted_length is None else remaining_work(seq)
+        return remaining + self.aging * seq.arrival_time
+
+    def decode_order(self, decodes: list[Sequence]) -> list[Sequence]:
+        return sorted(decodes, key=self.decode_key)  # stable: equal keys keep admission order
 
     def preemption_victim(self, candidates: list[Sequence]) -> Sequence:
         # the last of the longest: among equals, the latest admitted (FCFS's choice)
@@ -100,8 +121,8 @@ class SPFPolicy(FCFSPolicy):
 
 class ReservingSPFPolicy(SPFPolicy):
     def __init__(self, blocks: BlockManager, aging: float = DEFAULT_AGING, unknown_length: int = 0,
-                 unknown_reserve: int = 256):
-        super().__init__(aging, unknown_length)
+                 lookahead: int = DEFAULT_LOOKAHEAD, unknown_reserve: int = 256):
+        super().__init__(aging, unknown_length, lookahead)
         self.blocks, self.unknown_reserve = blocks, unknown_reserve
 
     def reserved_blocks(self, seq: Sequence) -> int:
@@ -119,12 +140,13 @@ class ReservingSPFPolicy(SPFPolicy):
         return promised + self.reserved_blocks(seq) <= len(self.blocks.free_blocks)
 
 
-def make_policy(name: str, blocks: BlockManager, aging: float = DEFAULT_AGING) -> SchedulingPolicy:
+def make_policy(name: str, blocks: BlockManager, aging: float = DEFAULT_AGING,
+                lookahead: int = DEFAULT_LOOKAHEAD) -> SchedulingPolicy:
     """The policy an EngineConfig names (fcfs | spf | spf-reserve)."""
     if name == "fcfs":
         return FCFSPolicy()
     if name == "spf":
-        return SPFPolicy(aging)
+        return SPFPolicy(aging, lookahead=lookahead)
     if name == "spf-reserve":
-        return ReservingSPFPolicy(blocks, aging)
+        return ReservingSPFPolicy(blocks, aging, lookahead=lookahead)
     raise ValueError(f"unknown scheduling policy {name!r}: fcfs, spf or spf-reserve")

@@ -1,8 +1,8 @@
 """Iteration-level scheduling: which tokens of which sequences run in the next step.
 
-Each step first gives every running sequence its next token (decode), then spends the
-rest of the token budget on prompt chunks (chunked prefill), so a long prompt never
-stalls decoding. When KV blocks run out a running sequence is preempted: its blocks are
+Each step first gives the running sequences their next token (decode; at most
+`max_num_seqs` of them, in the policy's order), then spends the rest of the token budget
+on prompt chunks (chunked prefill), so a long prompt never stalls decoding. When KV blocks run out a running sequence is preempted: its blocks are
 freed and it is requeued at the front, to be recomputed later; nothing is lost.
 
 The scheduler owns its sequences: after the step, `update` appends the sampled tokens,
@@ -36,9 +36,19 @@ class WaitingQueue(Protocol):
 
 
 class SchedulingPolicy(Protocol):
-    """Admission order, admission and preemption victims (length-aware policies plug in here)."""
+    """Admission order, admission, decode order and preemption victims (length-aware policies plug in here).
+
+    `lookahead`: sequences admitted beyond `max_num_seqs`. They are prefilled (which gives them
+    their first token and, with a length head, their predicted length), then decode only while
+    `decode_order` ranks them among the first `max_num_seqs`; the others are parked, keeping
+    their KV blocks. FCFS has none: every admitted sequence decodes every step.
+    """
+
+    lookahead: int
 
     def new_queue(self) -> WaitingQueue: ...
+
+    def decode_order(self, decodes: list[Sequence]) -> list[Sequence]: ...
 
     def can_admit(self, seq: Sequence, running: list[Sequence]) -> bool: ...
 
@@ -73,8 +83,13 @@ class FCFSQueue:
 class FCFSPolicy:
     """First come, first served; admit whenever resources allow; preempt the latest admitted."""
 
+    lookahead = 0
+
     def new_queue(self) -> FCFSQueue:
         return FCFSQueue()
+
+    def decode_order(self, decodes: list[Sequence]) -> list[Sequence]:
+        return decodes  # admission order
 
     def can_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
         return True
@@ -149,20 +164,24 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        # decodes first (stable sort keeps admission order), then unfinished prompts
-        queue = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        # decodes first, in the policy's order and at most max_num_seqs of them (the rest stay
+        # parked this step, KV kept), then unfinished prompts in admission order
+        decodes = self.policy.decode_order([s for s in self.running if s.num_tokens - s.num_computed_tokens == 1])
+        parked = decodes[self.max_num_seqs:]
+        queue = decodes[:self.max_num_seqs] + [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         while queue and budget > 0:
             seq = queue.pop(0)
             end = seq.num_computed_tokens + min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq, end):
-                # candidates: those scheduled this step, then this one, then the rest (FCFS takes the last)
-                victim = self.policy.preemption_victim([c.seq for c in out.chunks] + [seq] + queue)
+                # candidates: those scheduled this step, this one, the rest, the parked (FCFS takes the last)
+                victim = self.policy.preemption_victim([c.seq for c in out.chunks] + [seq] + queue + parked)
                 budget += self._unschedule(victim, out)
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-                if victim in queue:
-                    queue.remove(victim)
+                for pool in (queue, parked):
+                    if victim in pool:
+                        pool.remove(victim)
             else:
                 self.blocks.grow(seq, end)
                 out.chunks.append(Chunk(seq, seq.num_computed_tokens, end))
@@ -172,7 +191,7 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         admitted = []
         for seq in self.waiting:
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs + self.policy.lookahead:
                 break
             if not self.policy.can_admit(seq, self.running):
                 continue

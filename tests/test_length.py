@@ -120,3 +120,30 @@ def test_a_head_reading_layers_that_are_not_loaded_is_refused(tiny_model_dir, tm
     save_length_head(tmp_path, random_head(layers=(2, 4)))
     with pytest.raises(ValueError, match="only 2 are loaded"):
         _engine(folder, length_head=str(tmp_path), max_layers=2)
+
+
+@pytest.mark.parametrize("kv_tokens", [4096, 32])  # roomy, and tight enough to preempt parked sequences
+def test_spf_parks_prefilled_sequences_and_changes_no_token(tiny_model_dir, tmp_path, kv_tokens):
+    from helios.block_manager import kv_bytes_per_token
+
+    folder, _ = tiny_model_dir("llama")
+    save_length_head(tmp_path / "head", random_head())
+    plain_outputs, _, _ = _run(_engine(folder))
+    per_token = kv_bytes_per_token(4, 2, 16, 4)  # the tiny llama's KV per token, float32
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", kv_cache_memory=per_token * kv_tokens,
+                                    block_size=4, length_head=str(tmp_path / "head"), scheduling_policy="spf",
+                                    max_num_seqs=1, length_lookahead=3))
+    schedule, most_running, decodes_per_step = engine.scheduler.schedule, [0], []
+
+    def observed():
+        batch = schedule()
+        most_running[0] = max(most_running[0], len(engine.scheduler.running))
+        decodes_per_step.append(sum(chunk.is_decode for chunk in batch.chunks))
+        return batch
+
+    engine.scheduler.schedule = observed
+    outputs, _, records = _run(engine)
+    assert [o[-1].token_ids for o in outputs.values()] == [o[-1].token_ids for o in plain_outputs.values()]
+    assert most_running[0] > 1 and max(decodes_per_step) <= 1  # prefilled beyond the one decode slot, parked
+    assert engine.blocks.usage == 0.0 and len(records) == len(PROMPTS)
+    assert (engine.stats.preemptions > 0) == (kv_tokens == 32)
