@@ -28,8 +28,9 @@ prediction), and every step the `max_num_seqs` prefilled sequences with the smal
 decode while the rest are parked with their KV blocks (shortest remaining work first: a
 long answer already decoding yields its slot to a shorter newcomer, and takes it back
 without recomputation). The same bound holds for a parked sequence: its key is fixed while
-it is parked and a running one's only falls, so only arrivals within remaining / aging
-seconds after it can overtake it. Without a length head every key is
+it is parked, so only arrivals within remaining / aging seconds after it can overtake it
+(a sequence that outran its prediction counts as many tokens again as it made, so its
+bound is at most max_tokens / aging). Without a length head every key is
 `unknown_length + aging * arrival_time`, i.e. arrival order.
 
 Preemption victim: the sequence with the longest predicted remaining work
@@ -56,11 +57,18 @@ DEFAULT_LOOKAHEAD = 64  # sequences prefilled beyond max_num_seqs so that they c
 
 
 def remaining_work(seq: Sequence) -> int:
-    """Predicted output tokens still to come (max_tokens left when there is no prediction)."""
+    """Predicted output tokens still to come (max_tokens left when there is no prediction).
+
+    A sequence that has outrun its prediction is expected to make as many tokens again as it
+    has made (capped by max_tokens), not 0: a misprediction must not win it the first place.
+    """
     generated = len(seq.output_ids)
+    left = seq.params.max_tokens - generated
     if seq.predicted_length is None:
-        return seq.params.max_tokens - generated
-    return max(0, seq.predicted_length - generated)
+        return left
+    if generated < seq.predicted_length:
+        return seq.predicted_length - generated
+    return min(generated, left)
 
 
 class SPFQueue:

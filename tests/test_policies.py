@@ -3,7 +3,7 @@ stream of short jobs (in the waiting queue, and for a parked prefilled job), fre
 ranked after their prefill, longest-remaining preemption, and KV reservation preventing preemption."""
 
 from helios.block_manager import BlockManager
-from helios.policies import ReservingSPFPolicy, SPFPolicy, make_policy
+from helios.policies import ReservingSPFPolicy, SPFPolicy, make_policy, remaining_work
 from helios.sampling_params import SamplingParams
 from helios.scheduler import FCFSPolicy, SampledToken, Scheduler
 from helios.sequence import Sequence
@@ -126,6 +126,10 @@ def test_preemption_takes_the_longest_predicted_remaining_work():
     assert policy.preemption_victim([a, b, c]).request_id == "c"  # 50 left: no prediction -> max_tokens
     assert policy.preemption_victim([a, b]).request_id == "b"
     assert policy.preemption_victim([b, seq("b2", 2, 30, 0.0)]).request_id == "b2"  # ties: the latest
+    a.output_ids = [7] * 120  # outran its 100: expected to make as many again, capped by max_tokens
+    assert remaining_work(a) == 120 and policy.preemption_victim([a, b, c]).request_id == "a"
+    a.params = SamplingParams(max_tokens=150)
+    assert remaining_work(a) == 30
 
 
 def test_reservation_prevents_preemption_in_a_memory_tight_case():
