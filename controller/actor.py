@@ -71,7 +71,7 @@ class Controller:
             if self.apply is not None:
                 self.apply(self.slo, self.repository, candidate, depth)
 
-        return Applier(deploy, self._applied, applied)
+        return Applier(deploy, self._applied, applied, self.slo.apply_retry, self._apply_failed)
 
     def _applied(self, target: tuple[str, int], seconds: float) -> None:
         """In the applier's thread, once a redeploy is done."""
@@ -80,6 +80,11 @@ class Controller:
         logger.info("applied %s@%d in %.1f s", *target, seconds)
         if self.metrics is not None:
             self.metrics.serving(*target)
+
+    def _apply_failed(self, target: tuple[str, int]) -> None:
+        """In the applier's thread, after each failed attempt (the applier logs it and retries)."""
+        if self.metrics is not None:
+            self.metrics.apply_failed(*target)
 
     def _record(self, decision: Decision) -> None:
         """History first, then (for a change) the redeploy, in the background."""
@@ -116,7 +121,9 @@ class Controller:
 
     def current(self) -> dict:
         """The choice (candidate, depth), requests seen, breaches in the window, and the deployment:
-        `applied` (what runs), `applying` (a redeploy under way), `pending` (the next one), `apply_error`."""
+        `applied` (what runs), `applying` (a redeploy under way), `pending` (the next one, or a failed one
+        waiting `retry_in_s` to be tried again), `apply_error` (the last failure, cleared by a success),
+        `apply_failures` (failed attempts in a row at the latest target tried; 0 once applied)."""
         with self.lock:
             return {"candidate": self.state.candidate, "depth": self.state.depth, "requests": self.state.requests,
                     "breaches_in_window": self.loop.window.count, **self.applier.state()}

@@ -6,6 +6,8 @@ deployments/metrics.py builds from telemetry/metrics.py's specs (one place for e
 - helios_switches_total{model, reason}: changes decided; reason `safety` (breaches over the limit
   or a broken constraint) or `gain` (a better objective, past the hysteresis);
 - helios_profiling_runs_total{model}: live profiling runs (live profiling calls `profiled`).
+- helios_controller_apply_failures_total{model, candidate, depth}: failed deploy attempts (each
+  retry of controller/applier.py counts), recorded as they fail.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ControllerMetrics:
         self.active = ray_metric(spec("helios_active_model_info"), tags)
         self.switches = ray_metric(spec("helios_switches_total"), tags)
         self.profiling_runs = ray_metric(spec("helios_profiling_runs_total"), tags)
+        self.apply_failures = ray_metric(spec("helios_controller_apply_failures_total"), tags)
         self._serving: tuple[str, int] | None = None
         self._previous: tuple[str, int] | None = None
 
@@ -44,6 +47,9 @@ class ControllerMetrics:
 
     def switched(self, reason: str) -> None:
         self.switches.inc(1, tags={"reason": switch_reason(reason)})
+
+    def apply_failed(self, candidate: str, depth: int) -> None:
+        self.apply_failures.inc(1, tags={"candidate": candidate, "depth": str(depth)})
 
     def profiled(self, runs: int = 1) -> None:
         if runs > 0:

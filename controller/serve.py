@@ -59,9 +59,11 @@ def deploy_through_controller(slo: SLOConfig, repository: Repository, timeout_s:
     deadline = time.monotonic() + timeout_s
     while True:
         state = ray.get(actor.current.remote())
-        if state["apply_error"]:
-            raise RuntimeError(f"the controller could not deploy {state['apply_error']}")
-        if state["applied"] and not state["applying"] and not state["pending"]:
+        busy = state["applying"] or state["pending"]  # a failed attempt's retry waits as pending
+        if state["apply_error"] and not busy:
+            raise RuntimeError(f"the controller could not deploy {state['apply_error']} "
+                               f"({state['apply_failures']} attempts)")
+        if state["applied"] and not busy:
             logger.info("the controller serves %s as %s", slo.model, state["applied"])
             return state
         if time.monotonic() > deadline:

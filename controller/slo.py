@@ -78,6 +78,20 @@ class Hysteresis(_Strict):
     min_requests_between_changes: int = Field(150, ge=0)
 
 
+class ApplyRetry(_Strict):
+    """A redeploy that fails (a replica that does not load, a transient Serve error) is tried again,
+    waiting first_delay_s, then twice as long each time up to max_delay_s, `attempts` tries in all;
+    a newer decision replaces the retry."""
+
+    attempts: int = Field(5, ge=1)  # deploy calls per target, the first included (1: no retry)
+    first_delay_s: float = Field(5.0, gt=0)
+    max_delay_s: float = Field(60.0, gt=0)
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed attempt at a target."""
+        return min(self.first_delay_s * 2 ** (failures - 1), self.max_delay_s)
+
+
 class AdminConfig(_Strict):
     enabled: bool = False  # the performance history and decisions over HTTP; off by default
     route_prefix: str = Field("/admin", pattern=r"^/[A-Za-z0-9._\-/]*$")
@@ -95,6 +109,7 @@ class SLOConfig(_Strict):
     reassess_every: int = Field(150, ge=1)  # finished requests between reassessments
     breach_window: BreachWindow = Field(default_factory=BreachWindow)
     hysteresis: Hysteresis = Field(default_factory=Hysteresis)
+    apply_retry: ApplyRetry = Field(default_factory=ApplyRetry)
     # files; relative paths are taken from the SLO file's folder
     repository: str = "model-repository.json"  # written by `helios profile`
     history: str = "helios-history.jsonl"  # decisions and live profiles, appended; read on restart

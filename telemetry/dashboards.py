@@ -159,6 +159,10 @@ SERVING = Dashboard("helios-serving", "Helios serving", (
               description="Fills when the controller runs."),
         Panel("Profiling runs (controller)", (rate("helios_profiling_runs_total"),),
               description="Fills when the controller runs."),
+        Panel("Apply failures (controller)", (rate("helios_controller_apply_failures_total",
+                                                   by="model, candidate, depth",
+                                                   legend="{{model}}: {{candidate}} @ {{depth}}"),),
+              description="Failed redeploys, each retry counted; fills when one fails."),
     )),
     Row("Response length", (
         Panel("Output tokens per request", (quantile("helios_request_generation_tokens", 0.5),

@@ -100,6 +100,9 @@ METRICS: tuple[MetricSpec, ...] = (
                ("model", "reason"), source=CONTROLLER),
     MetricSpec("helios_profiling_runs_total", COUNTER, "Live profiling runs of candidate models.", ("model",),
                source=CONTROLLER),
+    MetricSpec("helios_controller_apply_failures_total", COUNTER,
+               "Failed attempts of the controller to deploy a candidate at a depth (each retry counts).",
+               ("model", "candidate", "depth"), source=CONTROLLER),
     # energy, only where a hardware counter exists (telemetry/energy.py); never estimated
     MetricSpec("helios_energy_joules_total", COUNTER,
                "Energy measured by a hardware counter while the replica ran (meter: rapl or nvml).",

@@ -88,6 +88,7 @@ EXPECTED_EMPTY = {
     "Active model (controller)": ABSENT.get(CONTROLLER),
     "Switches by reason (controller)": ABSENT.get(CONTROLLER),
     "Profiling runs (controller)": ABSENT.get(CONTROLLER),
+    "Apply failures (controller)": ABSENT.get(CONTROLLER),
     "Predicted vs actual length": ABSENT.get(LENGTH),
     "Length prediction error": ABSENT.get(LENGTH),
     "Recomputations per second": ABSENT.get(LENGTH),
