@@ -55,6 +55,7 @@ class ServingMetrics:
         self.generation_length = make("helios_request_generation_tokens")
         self.predicted_length = make("helios_request_predicted_generation_tokens")
         self.length_error = make("helios_length_prediction_error_tokens")
+        self.recomputations = make("helios_recomputations_total")
         self._info_tags = {"source": source, "num_layers": str(num_layers), "exit_policy": exit_policy}
         if energy_meter == "auto":
             energy_meter = open_meter(gpu=bool(ray.get_gpu_ids()) if ray.is_initialized() else False)
@@ -101,6 +102,8 @@ class ServingMetrics:
         self.predicted_length.observe(predicted)
         direction = "over" if predicted >= actual else "under"
         self.length_error.observe(abs(predicted - actual), tags={"direction": direction})
+        if actual > predicted:
+            self.recomputations.inc(1)
 
 
 class _EnergyRecorder:

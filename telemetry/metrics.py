@@ -91,7 +91,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "|predicted - actual| output tokens of finished requests; direction: over (predicted >= actual) "
                "or under.", ("model", "direction"), LENGTH_ERROR_BUCKETS, LENGTH),
     MetricSpec("helios_recomputations_total", COUNTER,
-               "Requests recomputed after outrunning their predicted length.", ("model",), source=LENGTH),
+               "Finished requests that outran their predicted length: the ones the paper's static mode "
+               "recomputes (FCR); the continuous engine keeps them running, re-estimated.", ("model",),
+               source=LENGTH),
     # the HELIOS controller
     MetricSpec("helios_active_model_info", GAUGE,
                "The candidate model and depth the controller has loaded for a served model (value 1).",

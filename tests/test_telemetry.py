@@ -104,6 +104,7 @@ def test_length_prediction_and_requests(serving_metrics):
     m.observe_step(_step(finished=(_finished(100, 60), _finished(10, 40), _finished(None, 7))))
     assert dict(m.predicted_length.values) == {(("model", "tiny"),): [100, 10]}
     assert _sum(m.length_error, direction="over") == 40 and _sum(m.length_error, direction="under") == 30
+    assert _sum(m.recomputations) == 1  # the one that outran its prediction (10 < 40)
     m.observe_request(0.5, 2.5, 5, "length")
     assert _sum(m.ttft) == 0.5 and _sum(m.tpot) == pytest.approx(0.5) and _sum(m.e2e) == 2.5
     assert _sum(m.generation_length) == 5 and _sum(m.request_success, finished_reason="length") == 1
