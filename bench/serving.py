@@ -4,9 +4,12 @@
     python bench/serving.py --base-url http://127.0.0.1:8000 --model smollm2-135m --request-rate 4
     # Helios over HTTP vs the in-process engine, same prompts, 3 alternating pairs (starts and stops Ray itself)
     python bench/serving.py --compare-in-process --repeat 3 --num-prompts 64 --max-tokens 128 --json out.json
+    # scheduling policies side by side, in-process, answers of their natural length, at several rates
+    python bench/serving.py --compare-policies fcfs,spf --length-head smollm2-135m --natural-lengths \
+        --request-rates 1,2,4 --repeat 2 --json out.json
 
 Requests are chat completions (streamed, greedy, `ignore_eos` so every request makes
---max-tokens tokens) sent with Poisson arrivals at --request-rate (inf = all at once) and at
+--max-tokens tokens, unless --natural-lengths) sent with Poisson arrivals at --request-rate (inf = all at once) and at
 most --max-concurrency in flight. Reported per backend: TTFT, TPOT, inter-token latency (ITL)
 and end-to-end latency (mean, median, p99, in ms), request and output-token throughput, and
 goodput (requests/s meeting every --goodput limit, e.g. ttft:2000 tpot:200 e2e:20000 in ms).
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -55,14 +59,14 @@ class RequestResult:
 Backend = Callable[[str, int], AsyncIterator[int]]
 
 
-def http_backend(base_url: str, model: str) -> tuple[Backend, Callable]:
+def http_backend(base_url: str, model: str, ignore_eos: bool = True) -> tuple[Backend, Callable]:
     import httpx
 
     client = httpx.AsyncClient(base_url=base_url, timeout=None, limits=httpx.Limits(max_connections=None))
 
     async def stream(prompt: str, max_tokens: int) -> AsyncIterator[int]:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                "temperature": 0, "stream": True, "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
@@ -78,13 +82,16 @@ def http_backend(base_url: str, model: str) -> tuple[Backend, Callable]:
     return stream, client.aclose
 
 
-def in_process_backend(engine) -> Backend:
+def in_process_backend(engine, ignore_eos: bool = True, lengths: list | None = None) -> Backend:
+    """The engine in this process; `lengths` collects (predicted, actual) output tokens per request."""
     from helios import SamplingParams
 
     async def stream(prompt: str, max_tokens: int) -> AsyncIterator[int]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
         async for out in engine.generate([{"role": "user", "content": prompt}], params):
             yield len(out.new_token_ids)
+            if out.finished and lengths is not None:
+                lengths.append((out.predicted_length, len(out.token_ids)))
 
     return stream
 
@@ -170,7 +177,7 @@ def print_summary(name: str, summary: dict) -> None:
 
 
 async def bench_http(args, prompts: list[str], slo: dict) -> dict:
-    backend, close = http_backend(args.base_url, args.model)
+    backend, close = http_backend(args.base_url, args.model, ignore_eos=not args.natural_lengths)
     try:
         await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
         results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,
@@ -186,7 +193,7 @@ async def bench_in_process(args, prompts: list[str], slo: dict) -> dict:
 
     engine = AsyncLLMEngine.from_config(EngineConfig(model=args.source, kv_cache_memory=args.kv_cache_memory,
                                                      max_num_seqs=args.max_num_seqs))
-    backend = in_process_backend(engine)
+    backend = in_process_backend(engine, ignore_eos=not args.natural_lengths)
     try:
         await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
         results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,
@@ -198,8 +205,6 @@ async def bench_in_process(args, prompts: list[str], slo: dict) -> dict:
 
 def start_helios(args) -> None:
     """Helios on Ray Serve with one model replica using every local CPU (as `helios serve` does)."""
-    import os
-
     from deployments import run
     from deployments.config import parse_config
 
@@ -228,6 +233,111 @@ def compare_once(args, prompts: list[str], slo: dict) -> tuple[float, dict, dict
     return http["output_throughput"] / local["output_throughput"], http, local
 
 
+def policy_engine(args, policy: str, true_lengths: dict[str, int] | None = None):
+    """An engine scheduling by `policy`; "spf-oracle": spf whose every prediction is replaced
+    by the answer's true length (`true_lengths`: prompt -> output tokens of a greedy run)."""
+    from helios import EngineConfig
+    from helios.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_config(EngineConfig(
+        model=args.source, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        length_head=args.length_head, scheduling_policy=policy.removesuffix("-oracle"), length_aging=args.length_aging))
+    if policy.endswith("-oracle"):
+        _replace_predictions(engine.engine, true_lengths)
+    return engine
+
+
+def _replace_predictions(engine, true_lengths: dict[str, int]) -> None:
+    """Benchmarks only: the length head's prediction, made in prefill, is swapped for the truth."""
+    make, update, truth = engine.make_sequence, engine.scheduler.update, {}
+
+    def make_sequence(prompt, params=None, request_id=None):
+        seq = make(prompt, params, request_id)
+        truth[id(seq)] = true_lengths.get(prompt[-1]["content"])
+        return seq
+
+    def update_with_truth(batch, sampled, now):
+        for item in sampled:
+            if item.predicted_length is not None and truth.get(id(item.seq)) is not None:
+                item.predicted_length = truth.pop(id(item.seq))
+        return update(batch, sampled, now)
+
+    engine.make_sequence, engine.scheduler.update = make_sequence, update_with_truth
+
+
+async def greedy_lengths(engine, args, prompts: list[str]) -> dict[str, int]:
+    """prompt -> output tokens of its greedy answer (all prompts at once, on `engine`)."""
+    backend = in_process_backend(engine, ignore_eos=not args.natural_lengths)
+
+    async def one(prompt: str) -> tuple[str, int]:
+        count = 0
+        async for delta in backend(prompt, args.max_tokens):
+            count += delta
+        return prompt, count
+
+    return dict(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+async def one_policy_run(engine, args, prompts: list[str], rate: float, slo: dict) -> dict:
+    """One load on one engine: the summary, plus preemptions and the predictions' errors."""
+    lengths: list = []
+    backend = in_process_backend(engine, ignore_eos=not args.natural_lengths, lengths=lengths)
+    preempted = engine.engine.stats.preemptions
+    results, duration = await run_load(backend, prompts, args.max_tokens, rate, args.max_concurrency, args.seed)
+    summary = summarize(results, duration, slo)
+    errors = [abs(p - a) for p, a in lengths if p is not None]
+    summary.update(preemptions=engine.engine.stats.preemptions - preempted,
+                   mean_output_tokens=statistics.fmean(a for _, a in lengths) if lengths else None,
+                   prediction_mae=statistics.fmean(errors) if errors else None)
+    return summary
+
+
+async def compare_policies(args, prompts: list[str], slo: dict, save: Callable[[dict], None]) -> dict:
+    """Each policy's engine built once; per rate, `repeat` rounds, the policies alternated (and
+    their order swapped each round). The median round per (rate, policy) by mean E2E is reported;
+    `save` gets the rows after each rate (a long run keeps what it measured)."""
+    policies = args.compare_policies.split(",")
+    engines = {policy: policy_engine(args, policy) for policy in policies if not policy.endswith("-oracle")}
+    try:
+        for engine in engines.values():  # warm-up
+            await run_load(in_process_backend(engine), prompts[:2], 4, math.inf, None, args.seed)
+        if any(policy.endswith("-oracle") for policy in policies):
+            truth = await greedy_lengths(next(iter(engines.values())), args, prompts)
+            engines.update({policy: policy_engine(args, policy, truth) for policy in policies if policy not in engines})
+        rows = {}
+        for rate in (float(r) for r in args.request_rates.split(",")):
+            runs = {policy: [] for policy in policies}
+            for round_index in range(args.repeat):
+                order = policies if round_index % 2 == 0 else policies[::-1]
+                for policy in order:
+                    runs[policy].append(await one_policy_run(engines[policy], args, prompts, rate, slo))
+                    summary = runs[policy][-1]
+                    print_summary(f"{policy} at {rate}/s, round {round_index + 1}", summary)
+                    print(f"   preemptions {summary['preemptions']}, mean output {summary['mean_output_tokens']} "
+                          f"tokens, prediction MAE {summary['prediction_mae']}", flush=True)
+            rows[str(rate)] = {policy: {"median": median_run(r, key=lambda s: s["e2e"]["mean_ms"]),
+                                        "mean_e2e_ms_runs": [s["e2e"]["mean_ms"] for s in r]}
+                               for policy, r in runs.items()}
+            save(rows)
+        return rows
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+
+
+def policy_ratios(rows: dict, baseline: str, other: str) -> dict:
+    """Per rate: baseline / other mean E2E (above 1: `other` is faster), other / baseline p99 E2E,
+    TTFT and throughput."""
+    ratios = {}
+    for rate, row in rows.items():
+        base, new = row[baseline]["median"], row[other]["median"]
+        ratios[rate] = {"mean_e2e_speedup": base["e2e"]["mean_ms"] / new["e2e"]["mean_ms"],
+                        "p99_e2e_ratio": new["e2e"]["p99_ms"] / base["e2e"]["p99_ms"],
+                        "mean_ttft_speedup": base["ttft"]["mean_ms"] / new["ttft"]["mean_ms"],
+                        "throughput_ratio": new["output_throughput"] / base["output_throughput"]}
+    return ratios
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -252,6 +362,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stream-chunks-per-step", type=int, default=8,
                         help="stream_chunks_per_step of the Helios server (0: chunks never grow under load)")
     parser.add_argument("--niceness", type=int, default=19, help="ingress.niceness of the Helios server")
+    parser.add_argument("--natural-lengths", action="store_true",
+                        help="answers end where the model ends them (no ignore_eos), up to --max-tokens")
+    parser.add_argument("--compare-policies", default=None,
+                        help="in-process, e.g. fcfs,spf,spf-oracle: one engine per scheduling policy, alternated "
+                             "per rate (spf-oracle: spf told each answer's true length, from a greedy run first)")
+    parser.add_argument("--request-rates", default="1,2,4", help="--compare-policies: requests/s, comma-separated")
+    parser.add_argument("--length-head", default=None, help="--compare-policies: the engines' length head")
+    parser.add_argument("--length-aging", type=float, default=20.0, help="--compare-policies: spf's length_aging")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args()
 
@@ -265,7 +383,20 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "dataset": args.dataset or "default",
               "num_prompts": len(prompts), "max_tokens": args.max_tokens, "request_rate": args.request_rate,
               "max_concurrency": args.max_concurrency, "slo_ms": slo, "results": {}}
-    if args.compare_in_process:
+    if args.compare_policies:
+        report.update(machine_load=os.getloadavg(), natural_lengths=args.natural_lengths,
+                      length_head=args.length_head, length_aging=args.length_aging, max_num_seqs=args.max_num_seqs)
+        first, *others = args.compare_policies.split(",")
+
+        def save(rows: dict) -> None:
+            report.update(policies=rows, machine_load_after=os.getloadavg(),
+                          ratios={other: policy_ratios(rows, first, other) for other in others})
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
+        asyncio.run(compare_policies(args, prompts, slo, save))
+        print(json.dumps(report["ratios"], indent=2))
+    elif args.compare_in_process:
         pairs = [compare_once(args, prompts, slo) for _ in range(args.repeat)]
         ratio, http, local = median_run(pairs, key=lambda pair: pair[0])
         report["results"] = {"helios-http": http, "helios-in-process": local}
