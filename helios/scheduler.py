@@ -2,8 +2,9 @@
 
 Each step first gives the running sequences their next token (decode; at most
 `max_num_seqs` of them, in the policy's order), then spends the rest of the token budget
-on prompt chunks (chunked prefill), so a long prompt never stalls decoding. When KV blocks run out a running sequence is preempted: its blocks are
-freed and it is requeued at the front, to be recomputed later; nothing is lost.
+on prompt chunks (chunked prefill), so a long prompt never stalls decoding. When KV blocks
+run out a running sequence is preempted: its blocks are freed and it is requeued at the
+front, to be recomputed later; nothing is lost.
 
 The scheduler owns its sequences: after the step, `update` appends the sampled tokens,
 advances the computed counts and finishes what ended. A policy object decides the order
