@@ -208,8 +208,8 @@ def start_helios(args) -> None:
     from deployments import run
     from deployments.config import parse_config
 
-    config = parse_config({"http": {"host": "127.0.0.1", "port": args.port},
-                           "ingress": {"niceness": args.niceness},
+    ingress = {} if args.niceness is None else {"niceness": args.niceness}
+    config = parse_config({"http": {"host": "127.0.0.1", "port": args.port}, "ingress": ingress,
                            "models": [{"id": args.model, "source": args.source, "num_cpus": os.cpu_count(),
                                        "max_ongoing_requests": args.max_num_seqs,
                                        "stream_interval": args.stream_interval,
@@ -361,7 +361,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk (Helios server)")
     parser.add_argument("--stream-chunks-per-step", type=int, default=8,
                         help="stream_chunks_per_step of the Helios server (0: chunks never grow under load)")
-    parser.add_argument("--niceness", type=int, default=19, help="ingress.niceness of the Helios server")
+    parser.add_argument("--niceness", type=int, default=None, help="ingress.niceness of the Helios server "
+                                                                   "(default: the serving config's)")
     parser.add_argument("--natural-lengths", action="store_true",
                         help="answers end where the model ends them (no ignore_eos), up to --max-tokens")
     parser.add_argument("--compare-policies", default=None,

@@ -42,7 +42,9 @@ def build_app_from_config(config: ServeConfig) -> Application:
     ingress = config.ingress
     return OpenAIIngress.options(
         num_replicas=ingress.replicas, ray_actor_options={"num_cpus": ingress.num_cpus},
-        max_ongoing_requests=10_000,  # the ingress only forwards; the models' queues do the bounding
+        # every request reaches the guard, which refuses past ingress.max_in_flight with OpenAI's 503 body
+        # (a lower bound here would queue requests in Serve's proxy, or refuse them with its plain-text 503)
+        max_ongoing_requests=10_000,
         max_surge_percent=ingress.max_surge_percent, graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,
     ).bind(servers, config)
 

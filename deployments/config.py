@@ -125,7 +125,9 @@ class ModelConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0)  # CPUs reserved per replica; torch uses this many threads
     num_gpus: float = Field(0.0, ge=0)  # GPUs reserved per replica (on KubeRay: the GPU worker group)
     # per replica: requests in flight (running + waiting in the engine); beyond that they queue in
-    # Serve's router, and beyond max_queued_requests the ingress answers 503 with Retry-After
+    # Serve's router, and beyond max_queued_requests the ingress answers 503 with Retry-After.
+    # Default 64; with an spf policy, at least engine.max_num_seqs + engine.length_lookahead (the
+    # requests it ranks must be in the engine to be ranked)
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(64, ge=0)  # per replica, waiting in Serve's router
     # tokens per streamed chunk after the first: each chunk costs serialization and hops between
@@ -163,6 +165,21 @@ class ModelConfig(_Strict):
             data = {**data, "engine": engine}
         return data
 
+    @model_validator(mode="after")
+    def _room_to_rank(self) -> "ModelConfig":
+        if self.engine.scheduling_policy == "fcfs":
+            return self
+        ranked = self.engine.max_num_seqs + self.engine.length_lookahead
+        if "max_ongoing_requests" not in self.model_fields_set:
+            self.max_ongoing_requests = max(self.max_ongoing_requests, ranked)
+        elif self.max_ongoing_requests < ranked:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) is below engine.max_num_seqs "
+                f"({self.engine.max_num_seqs}) + engine.length_lookahead ({self.engine.length_lookahead}): "
+                f"{self.engine.scheduling_policy} could rank only the requests the engine holds; raise it "
+                f"to {ranked} or lower length_lookahead")
+        return self
+
     def engine_config(self) -> EngineConfig:
         options = {k: v for k, v in vars(self.engine).items() if k != "model"}
         return EngineConfig(model=self.source, **options)
@@ -173,8 +190,16 @@ class IngressConfig(_Strict):
     num_cpus: float = Field(0.0, ge=0)  # CPUs reserved per ingress replica
     retry_after_s: int = Field(1, ge=1)  # the Retry-After a client gets when a model's queue is full
     # niceness of the HTTP processes (ingress replicas; Serve's proxies on the machine that runs
-    # `helios serve`): above the engine's, so they take the CPU it leaves idle (deployments/priority.py)
-    niceness: int = Field(19, ge=0, le=19)
+    # `helios serve`): above the engine's, so an engine beside them keeps the CPU, yet not so far that
+    # they starve when other work keeps every core busy (at 19 most requests then hung; at 5 none did,
+    # for ~5% of HTTP throughput on an idle machine; deployments/priority.py)
+    niceness: int = Field(5, ge=0, le=19)
+    # HTTP requests one ingress replica answers at once; past it, /v1 requests get 503 + Retry-After
+    # before their body is read (the cheapest answer), so an ingress short of CPU sheds load instead of
+    # queueing it. None: the models' queues together (replicas, or max_replicas, x (max_ongoing_requests
+    # + max_queued_requests), summed), shared among the ingress replicas, plus a quarter, so that
+    # normally a model's own full queue answers the 503 first
+    max_in_flight: int | None = Field(None, ge=1)
     docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json (off: they describe the API to anyone)
     log_prompts: bool = False  # request logs carry ids, sizes and timings; prompt and output text only if on
     # on Ctrl-C/SIGTERM of `helios serve`: new requests get 503, in-flight ones get this long to finish,
@@ -231,6 +256,15 @@ class ServeConfig(_Strict):
                 if not source_under_roots(model.source, self.model_roots):
                     raise ValueError(f"models.{index}.source: {model.source!r} is outside model_roots {self.model_roots}")
         return self
+
+    def ingress_max_in_flight(self) -> int:
+        """The HTTP requests one ingress replica answers at once (`ingress.max_in_flight`, or derived)."""
+        if self.ingress.max_in_flight is not None:
+            return self.ingress.max_in_flight
+        queues = sum((m.autoscaling.max_replicas if m.autoscaling else m.replicas)
+                     * (m.max_ongoing_requests + m.max_queued_requests) for m in self.models)
+        share = -(-queues // self.ingress.replicas)  # ceil: replicas share the load about evenly
+        return share + max(1, share // 4)
 
     @field_validator("models")
     @classmethod

@@ -1,8 +1,9 @@
 """The ingress's front door: an ASGI middleware that runs before FastAPI parses anything.
 
 Per request, in order: docs and admin routes hidden unless switched on; API keys on `/v1` and
-the admin key on `/admin` (OpenAI's 401 body); 503 + Retry-After once shutdown has begun; the
-body read with a byte budget (413 on the Content-Length alone, or as soon as a chunked body
+the admin key on `/admin` (OpenAI's 401 body); 503 + Retry-After once shutdown has begun, or while
+`max_in_flight` requests are being answered (the cheapest refusal there is: no body read, nothing
+parsed, so it stays quick when the ingress gets little CPU); the body read with a byte budget (413 on the Content-Length alone, or as soon as a chunked body
 passes the budget: a 50 MB body is never parsed); one log line with id, sizes and timings.
 """
 
@@ -36,6 +37,7 @@ class GuardSettings:
     retry_after_s: int = 1
     draining: bool = False  # set when shutdown begins: new /v1 requests get 503
     in_flight: int = 0  # HTTP requests being answered now
+    max_in_flight: int | None = None  # beyond this many, /v1 requests get 503 + Retry-After; None: no bound
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -100,6 +102,10 @@ def _refusal(scope, settings: GuardSettings) -> tuple[int, dict, dict] | None:
                                    code="invalid_api_key"), {}
         if settings.draining:
             return 503, error_body("the server is shutting down", "server_error", "shutting_down"), \
+                {"retry-after": str(settings.retry_after_s)}
+        if settings.max_in_flight is not None and settings.in_flight > settings.max_in_flight:  # this one counted
+            return 503, error_body(f"the server is answering its limit of {settings.max_in_flight} requests "
+                                   f"(ingress.max_in_flight); retry later", "server_error", "queue_full"), \
                 {"retry-after": str(settings.retry_after_s)}
     return None
 

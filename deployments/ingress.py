@@ -32,7 +32,8 @@ CARD_TTL_S = 5.0  # how long /v1/models may show a card read earlier
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in [
     (400, "invalid request: bad JSON, parameter, model or prompt"), (401, "missing or wrong API key"),
     (404, "unknown route"), (413, "request body over limits.max_body_bytes"),
-    (503, "a model's queue is full, or the server is shutting down (Retry-After)")]}
+    (503, "a model's queue is full, the server answers its limit of requests, or it is shutting down "
+          "(Retry-After)")]}
 _GENERATION = {200: {"description": "a JSON body, or server-sent events with `stream: true`",
                      "content": {"text/event-stream": {"schema": {  # each event: a JSON chunk, or [DONE]
                          "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}},
@@ -139,7 +140,7 @@ class OpenAIIngress:
         self.guard = GuardSettings(
             max_body_bytes=config.limits.max_body_bytes, api_keys=load_api_keys(config.auth.api_keys_file),
             admin_key=load_admin_key() if self.engine_admin or self.controller_prefix else None,
-            docs=config.ingress.docs,
+            docs=config.ingress.docs, max_in_flight=config.ingress_max_in_flight(),
             log_prompts=config.ingress.log_prompts, retry_after_s=config.ingress.retry_after_s)
         app.state.guard = self.guard
         self.shutdown = asyncio.Event()  # set when shutdown's grace period is over
@@ -285,6 +286,9 @@ class OpenAIIngress:
             stop.cancel()
             if not work.done():
                 work.cancel()
+                # its streams may end with Serve's RequestCancelledError, not CancelledError: read it,
+                # or asyncio logs "exception was never retrieved" for every client that went away
+                work.add_done_callback(lambda future: future.cancelled() or future.exception())
         if work in done:
             return work.result()
         raise ShuttingDown

@@ -4,7 +4,11 @@ Beside the engine run Serve's HTTP proxy and the ingress replica, each doing a l
 per streamed chunk. Whenever one of them takes a core, the engine's matmul threads, which
 meet at a barrier after every op, stall on the other cores too: on 2 cores the HTTP path
 lost about twice the CPU time it used. At a higher niceness they run in the time the engine
-leaves idle instead (bench/results/README.md has the figures).
+leaves idle instead. Not at the highest niceness, though: a nice-19 thread gets 15/1024 of a
+nice-0 one's share, so when other work keeps every core busy the HTTP path starves. With two
+nice-0 busy loops beside `helios serve` on 2 cores, 322-474 of 500 requests hung to their
+120-s timeout at 19, none at 5 (335/1024), which costs ~5% of HTTP throughput on an idle
+machine (`ingress.niceness`, default 5; bench/results/README.md, Ingress niceness).
 
 Niceness is per thread on Linux; raising it needs no privilege (lowering it does), so the
 helpers step back rather than the engine stepping forward.
@@ -18,7 +22,7 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def step_back(pid: int | str = "self", niceness: int = 19) -> None:
+def step_back(pid: int | str = "self", *, niceness: int) -> None:
     """Raise every thread of process `pid` (default: this one) to at least `niceness`."""
     tasks = PROC / str(pid) / "task"
     if not hasattr(os, "setpriority") or not tasks.is_dir():

@@ -46,7 +46,7 @@ def start(config: ServeConfig, deploy: Callable[[], None] | None = None) -> str:
     else:
         deploy()
     for proxy in local_processes("ray::ProxyActor"):  # the HTTP proxy steps back as the ingress does
-        step_back(proxy, config.ingress.niceness)
+        step_back(proxy, niceness=config.ingress.niceness)
     return f"http://{config.http.host}:{config.http.port}"
 
 

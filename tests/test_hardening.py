@@ -252,6 +252,63 @@ def test_small_load_loses_nothing(served):
 
 
 
+@pytest.fixture(scope="module")
+def bounded(served):
+    """A third app, under /bounded: one tiny model with its default queue (64 running + 64 queued) behind
+    an ingress that answers at most 4 requests at once (ingress.max_in_flight)."""
+    from ray import serve
+
+    from deployments.app import build_app_from_config
+
+    config = parse_config({"models": [{"id": "tiny", "source": str(served["folders"]["tiny"]), "num_cpus": 0,
+                                       "engine": {"kv_cache_memory": "16MiB"}}],
+                           "ingress": {"max_in_flight": 4, "retry_after_s": 2}})
+    serve.run(build_app_from_config(config), name="bounded", route_prefix="/bounded")
+    yield served["base_url"] + "/bounded"
+    serve.delete("bounded")
+
+
+def test_requests_past_the_ingress_bound_are_refused_at_once(bounded):
+    """With 4 long requests in flight, a burst of 8 more gets 503 + Retry-After (OpenAI's body) while the
+    4 still run, though the model's own queue has room: the ingress never holds more than its bound
+    (on a busy machine, requests queued 10-40 s there under overload). The 4 complete, and a request
+    after them is served: nothing lost, nothing hung."""
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 500, "ignore_eos": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=bounded, timeout=60) as http:
+            long = [asyncio.ensure_future(http.post("/v1/completions", json=body)) for _ in range(4)]
+            deadline = time.monotonic() + 20
+            while sum(map((await asyncio.to_thread(_engine_state, "tiny", "bounded")).get, ("running", "waiting"))) < 4:
+                assert time.monotonic() < deadline and not any(r.done() for r in long)
+                await asyncio.sleep(0.05)
+            started = time.monotonic()
+            burst = await asyncio.gather(*(http.post("/v1/completions", json={**body, "max_tokens": 2})
+                                           for _ in range(8)))
+            burst_s, long_running = time.monotonic() - started, not any(r.done() for r in long)
+            return await asyncio.gather(*long), burst, burst_s, long_running
+
+    long, burst, burst_s, long_running = asyncio.run(scenario())
+    print(f"8 requests past the bound answered in {burst_s:.2f} s")
+    for response in burst:
+        assert _is_openai_error(response, 503, "ingress.max_in_flight"), response.text
+        assert response.headers["retry-after"] == "2" and response.json()["error"]["code"] == "queue_full"
+    assert long_running and burst_s < 3, burst_s  # refused at once, not after the 4 finished
+    assert [r.status_code for r in long] == [200] * 4
+    assert all(r.json()["usage"]["completion_tokens"] == 500 for r in long)
+    after = httpx.post(bounded + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+    assert after.status_code == 200, after.text  # the bound counts requests in flight, not requests ever
+
+
+def test_ingress_bound_defaults_to_the_models_queues_plus_a_quarter():
+    assert parse_config({}).ingress_max_in_flight() == 128 + 32  # one replica, 64 running + 64 queued
+    config = parse_config({"ingress": {"replicas": 2}, "models": [
+        {"id": "a"}, {"id": "b", "replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 0},
+        {"id": "c", "autoscaling": {"max_replicas": 3}}]})
+    assert config.ingress_max_in_flight() == (128 + 2 * 8 + 3 * 128) // 2 * 5 // 4  # shared by 2 replicas
+    assert parse_config({"ingress": {"max_in_flight": 7}}).ingress_max_in_flight() == 7
+
+
 def test_saturation_counts_every_completed_request():
     """bench/load.py's closed loop counts each 200, whichever of its clients got it (`done += await ...`
     once lost the updates of concurrent clients: 2 of 64 counted, the run went at 1/32 of its rate)."""

@@ -32,11 +32,27 @@ def test_engine_options_and_sizes(tmp_path):
     ({"models": [{"id": "a"}, {"id": "a"}]}, "repeated: ['a']"),
     ({"models": [{"id": "a", "replicas": 0}]}, "models.0.replicas"),
     ({"models": []}, "models"),
+    ({"models": [{"id": "a", "max_ongoing_requests": 32, "engine": {"scheduling_policy": "spf"}}]},
+     "max_ongoing_requests (32) is below engine.max_num_seqs (64) + engine.length_lookahead (64)"),
 ])
 def test_bad_configs_name_the_key_and_reason(data, fragment):
     with pytest.raises(ConfigError) as error:
         parse_config(data)
     assert fragment in str(error.value)
+
+
+def test_spf_models_hold_the_requests_they_rank():
+    """spf ranks only what the engine holds: unless set, a model's max_ongoing_requests rises to
+    max_num_seqs + length_lookahead (fcfs keeps 64)."""
+    def ongoing(**engine) -> int:
+        return parse_config({"models": [{"id": "a", "engine": engine}]}).models[0].max_ongoing_requests
+
+    assert ongoing() == ongoing(scheduling_policy="fcfs", max_num_seqs=16) == 64
+    assert ongoing(scheduling_policy="spf") == 128
+    assert ongoing(scheduling_policy="spf-reserve", max_num_seqs=16, length_lookahead=8) == 64
+    assert ongoing(scheduling_policy="spf", max_num_seqs=100, length_lookahead=30) == 130
+    explicit = {"id": "a", "max_ongoing_requests": 200, "engine": {"scheduling_policy": "spf"}}
+    assert parse_config({"models": [explicit]}).models[0].max_ongoing_requests == 200
 
 
 def test_unreadable_config_files(tmp_path):
