@@ -1,9 +1,10 @@
 """What a replica memory budget holds at a depth: the prefix's weights, then KV blocks.
 
 Fewer layers free weight bytes and shrink each token's K/V, so the same budget holds more
-sequences; HELIOS's larger batches come from here. The block arithmetic is the engine's
-(helios/block_manager.py: num_blocks_for_budget), restated because the controller imports no
-engine module.
+sequences; HELIOS's larger batches come from here. The block arithmetic is the engine's own
+(helios/block_manager.py: kv_pool_blocks, torch-free). A profile records no sliding windows, so
+this counts every layer in one pool: for a model with window layers (Gemma 3) the engine's
+full-attention pool holds at least as many tokens as this says.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from controller.repository import CandidateProfile
+from helios.block_manager import kv_pool_blocks
 from helios.config import EngineConfig
 
 
@@ -25,7 +27,8 @@ def prefix_engine(engine: EngineConfig, profile: CandidateProfile, depth: int, b
 
 
 def blocks_held(profile: CandidateProfile, depth: int, budget: int, block_size: int = 16) -> int:
-    return kv_cache_bytes(profile, depth, budget) // (block_size * profile.kv_bytes_per_token_per_layer * depth)
+    return kv_pool_blocks(kv_cache_bytes(profile, depth, budget), block_size, profile.kv_bytes_per_token_per_layer,
+                          [None] * depth).blocks
 
 
 def sequences_held(profile: CandidateProfile, depth: int, budget: int, tokens_per_sequence: int,

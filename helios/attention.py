@@ -6,6 +6,13 @@ context: the K/V gather is the larger part of decode attention here, and with co
 mixed length a third of it was padding. A sliding-window layer (Gemma 3's local layers)
 attends to the last `window` positions only, the query's own included.
 
+Positions here count from the first block of the block tables the metadata holds. For the
+full layers that is position 0; the window layers read their own cache through window tables
+that start where the window does (older blocks were freed, helios/block_manager.py), so the
+runner shifts their context lengths and chunk starts by the dropped blocks. The masks are
+relative (causal, and the window), and RoPE is already in the cached keys, so the shift
+changes no result: attention needs no offset of its own.
+
 Decode kernels (`AttentionMetadata.decode_kernel`), both over K/V gathered so that each
 (row, kv head) context is one contiguous matrix (the cache is kv-head-major): `sdpa`
 (default) hands it to scaled_dot_product_attention, with the very numerics of the previous
@@ -33,8 +40,8 @@ class PrefillChunk:
     start: int  # first row of the chunk in the step
     end: int
     blocks: torch.Tensor  # the sequence's block table up to the chunk's end
-    ctx_start: int  # position of the chunk's first token
-    ctx_len: int  # positions attended: 0 .. ctx_len-1
+    ctx_start: int  # position of the chunk's first token (counted from the table's first block)
+    ctx_len: int  # positions attended: 0 .. ctx_len-1 (idem)
 
 
 @dataclass
@@ -44,7 +51,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor  # [num_decode, max_blocks * block_size] valid context
     decode_groups: list[tuple[int, int, int]]  # (row start, row end, blocks): decode rows by context length
     prefill: list[PrefillChunk]
-    decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context length of each decode row
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context length of each row, from its table's start
     decode_kernel: str = "sdpa"  # one of DECODE_KERNELS
     _window_masks: dict = field(default_factory=dict)
 
@@ -60,11 +67,12 @@ class AttentionMetadata:
 
 
 def decode_groups(num_blocks: list[int], min_rows: int = 16, max_groups: int = 4) -> list[tuple[int, int, int]]:
-    """Split decode rows (sorted by context) into groups of at least `min_rows` rows."""
+    """Split decode rows (sorted by context) into groups of at least `min_rows` rows, each over its
+    widest table (window tables are not sorted with the context: their length cycles within a block)."""
     count = len(num_blocks)
     groups = max(1, min(max_groups, count // min_rows))
     bounds = [round(i * count / groups) for i in range(groups + 1)]
-    return [(start, end, num_blocks[end - 1]) for start, end in zip(bounds, bounds[1:]) if end > start]
+    return [(start, end, max(num_blocks[start:end])) for start, end in zip(bounds, bounds[1:]) if end > start]
 
 
 def attention(cache: KVCache, layer: int, q: torch.Tensor, meta: AttentionMetadata,

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from helios.block_manager import BlockManager, kv_bytes_per_token, num_blocks_for_budget
+from helios.block_manager import BlockManager, WindowBlockManager, kv_bytes_per_token, kv_pool_blocks, split_layers
 from helios.config import EngineConfig
 from helios.exits import heads_for_config
 from helios.inputs import InputProcessor, Prompt
@@ -79,22 +79,21 @@ class LLMEngine:
         dtype = self.model.embed_tokens.weight.dtype
         self.num_loaded_layers = self.model.num_loaded_layers
         heads, confidence = heads_for_config(config, self.model)
-        per_token = kv_bytes_per_token(self.num_loaded_layers, self.arch.num_kv_heads, self.arch.head_dim,
-                                       dtype.itemsize)
-        num_blocks = num_blocks_for_budget(config.kv_cache_memory, config.block_size, per_token)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        capacity = num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or self.arch.max_position, self.arch.max_position, capacity)
-        logger.info("loaded %s: %d of %d layers on %s/%s; KV cache: %d blocks x %d tokens = %d tokens (%.0f MiB)",
+        self.blocks, self.window_blocks = self._block_managers(dtype.itemsize)
+        self.max_model_len = min(config.max_model_len or self.arch.max_position, self.arch.max_position,
+                                 self.blocks.num_blocks * config.block_size)  # the full-attention pool's tokens
+        logger.info("loaded %s: %d of %d layers on %s/%s; KV cache: %s",
                     loaded.source, self.num_loaded_layers, self.arch.num_layers, device, str(dtype).split(".")[-1],
-                    num_blocks, config.block_size, capacity, capacity * per_token / 2**20)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, heads, config.exit_policy,
-                                  confidence, config.exit_profile, config.seed)
+                    self._describe_kv(dtype.itemsize))
+        self.runner = ModelRunner(self.model, self.blocks.num_blocks, config.block_size, heads, config.exit_policy,
+                                  confidence, config.exit_profile, config.seed,
+                                  self.window_blocks.num_blocks if self.window_blocks else 0)
         if config.compile_layers:  # compiled and warmed up here, so the first request does not pay for it
             logger.info("compiled the layers in %.1f s", self.runner.compile_layers())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    make_policy(config.scheduling_policy, self.blocks, config.length_aging,
-                                               config.length_lookahead))
+                                               config.length_lookahead, self.window_blocks),
+                                   self.window_blocks)
         if config.length_head:
             self.runner.length_head = load_length_head(config.length_head, self.arch.hidden_size, self.arch.num_layers)
             if max(self.runner.length_head.layers) > self.num_loaded_layers:
@@ -109,6 +108,40 @@ class LLMEngine:
         self.stats = EngineStats()
         self.last_step: StepStats = self.idle_stats()
         self._ids = itertools.count()
+
+    def _block_managers(self, dtype_bytes: int) -> tuple[BlockManager, WindowBlockManager | None]:
+        """The full-attention pool, and the sliding-window pool when the loaded layers mix both kinds."""
+        config, windows = self.config, [layer.sliding_window for layer in self.model.layers]
+        # sequences that hold KV at once: the decoding ones, plus those spf policies park
+        slots = config.max_num_seqs + (config.length_lookahead if config.scheduling_policy != "fcfs" else 0)
+        sizes = kv_pool_blocks(config.kv_cache_memory, config.block_size, self._kv_bytes_per_token(1, dtype_bytes),
+                               windows, slots, config.max_num_batched_tokens)
+        window = (WindowBlockManager(sizes.window_blocks, config.block_size, max(w for w in windows if w))
+                  if sizes.window_blocks else None)
+        return BlockManager(sizes.blocks, config.block_size), window
+
+    def _kv_bytes_per_token(self, num_layers: int, dtype_bytes: int) -> int:
+        return kv_bytes_per_token(num_layers, self.arch.num_kv_heads, self.arch.head_dim, dtype_bytes)
+
+    def _describe_kv(self, dtype_bytes: int) -> str:
+        """The pools' sizes, for the start-up log."""
+        def pool(blocks: BlockManager, layers: int) -> str:
+            tokens = blocks.num_blocks * blocks.block_size
+            return (f"{blocks.num_blocks} blocks x {blocks.block_size} tokens = {tokens} tokens x {layers} layers "
+                    f"({tokens * self._kv_bytes_per_token(layers, dtype_bytes) / 2**20:.0f} MiB)")
+
+        if self.window_blocks is None:
+            return pool(self.blocks, self.num_loaded_layers)
+        full, window = split_layers([layer.sliding_window for layer in self.model.layers])
+        return (f"full layers: {pool(self.blocks, len(full))}; window layers (window {self.window_blocks.window}, "
+                f"blocks freed as it slides): {pool(self.window_blocks, len(window))}")
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of KV blocks in use, 0 to 1: the fuller pool's, since either one running out preempts."""
+        if self.window_blocks is None:
+            return self.blocks.usage
+        return max(self.blocks.usage, self.window_blocks.usage)
 
     # ---- requests -----------------------------------------------------------------
 
@@ -205,7 +238,7 @@ class LLMEngine:
             step_time_s=seconds, num_prompt_tokens=first_prompts, num_generation_tokens=len(exit_layers),
             tokens_per_exit_layer=per_layer, confidence_breaches=breaches, num_preemptions=len(batch.preempted),
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.blocks.usage, num_layers_loaded=self.num_loaded_layers,
+            kv_cache_usage=self.kv_cache_usage, num_layers_loaded=self.num_loaded_layers,
             finished=tuple(self.scheduler.take_finished()))
 
     def idle_stats(self) -> StepStats:

@@ -4,6 +4,11 @@ Layout [layers, kv_heads, blocks, block_size, head_dim] (kv head outermost): gat
 batch's blocks gives each (kv head, row) its context as one contiguous [context, head_dim]
 matrix, which batched matmuls read as they are (decode attention); with the kv head inside
 the block, every (row, kv head) matrix came out strided and attention copied it again.
+
+A model that mixes sliding-window and full-attention layers (Gemma 3) has two caches, each
+holding only its own layers: the full layers' cache is read through a sequence's block table
+(logical blocks 0, 1, ...), the window layers' through its window table, which starts at the
+first block still inside the window (`first_block`): older blocks were freed and reused.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import torch
 
 
-def slot_mapping(block_table: list[int], block_size: int, start: int, end: int) -> list[int]:
-    """Flat cache slot of each token position in [start, end) of a sequence with `block_table`."""
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+def slot_mapping(block_table: list[int], block_size: int, start: int, end: int, first_block: int = 0) -> list[int]:
+    """Flat cache slot of each token position in [start, end) of a sequence whose `block_table`
+    holds logical blocks `first_block`, `first_block + 1`, ..."""
+    return [block_table[p // block_size - first_block] * block_size + p % block_size for p in range(start, end)]
 
 
 class KVCache:

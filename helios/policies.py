@@ -40,7 +40,8 @@ Preemption victim: the sequence with the longest predicted remaining work
 running sequence are predicted to need still fit: reserving from predictions avoids
 admitting work that will later be preempted for memory. A sequence without a prediction
 reserves its prompt plus `min(max_tokens, unknown_reserve)` tokens; one that outran its
-prediction reserves one more block.
+prediction reserves one more block. A model with a sliding-window pool reserves there too: at
+most a window's blocks per sequence, since older ones are freed as it decodes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterator
 
-from helios.block_manager import BlockManager
+from helios.block_manager import BlockManager, WindowBlockManager
 from helios.scheduler import FCFSPolicy, SchedulingPolicy
 from helios.sequence import Sequence
 
@@ -129,32 +130,42 @@ class SPFPolicy(FCFSPolicy):
 
 class ReservingSPFPolicy(SPFPolicy):
     def __init__(self, blocks: BlockManager, aging: float = DEFAULT_AGING, unknown_length: int = 0,
-                 lookahead: int = DEFAULT_LOOKAHEAD, unknown_reserve: int = 256):
+                 lookahead: int = DEFAULT_LOOKAHEAD, unknown_reserve: int = 256,
+                 window_blocks: WindowBlockManager | None = None):
         super().__init__(aging, unknown_length, lookahead)
-        self.blocks, self.unknown_reserve = blocks, unknown_reserve
+        self.blocks, self.unknown_reserve, self.window_blocks = blocks, unknown_reserve, window_blocks
+
+    def predicted_total(self, seq: Sequence) -> int:
+        """Tokens `seq` is predicted to hold at its end."""
+        if seq.predicted_length is None:
+            return len(seq.prompt_ids) + min(seq.params.max_tokens, self.unknown_reserve)
+        return len(seq.prompt_ids) + max(seq.predicted_length, len(seq.output_ids) + self.blocks.block_size)
 
     def reserved_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` is predicted to hold at its end, beyond those it holds now."""
-        if seq.predicted_length is None:
-            total = len(seq.prompt_ids) + min(seq.params.max_tokens, self.unknown_reserve)
-        else:
-            total = len(seq.prompt_ids) + max(seq.predicted_length, len(seq.output_ids) + self.blocks.block_size)
-        return self.blocks.blocks_needed(seq, total)
+        return self.blocks.blocks_needed(seq, self.predicted_total(seq))
 
     def can_admit(self, seq: Sequence, running: list[Sequence]) -> bool:
         if not running:  # alone it may always try: a reservation larger than the cache must not starve it
             return True
         promised = sum(self.reserved_blocks(s) for s in running)
-        return promised + self.reserved_blocks(seq) <= len(self.blocks.free_blocks)
+        if promised + self.reserved_blocks(seq) > len(self.blocks.free_blocks):
+            return False
+        window = self.window_blocks
+        if window is None:
+            return True
+        promised = sum(window.reserve(s, self.predicted_total(s)) for s in running + [seq])
+        return promised <= len(window.free_blocks)
 
 
-def make_policy(name: str, blocks: BlockManager, aging: float = DEFAULT_AGING,
-                lookahead: int = DEFAULT_LOOKAHEAD) -> SchedulingPolicy:
-    """The policy an EngineConfig names (fcfs | spf | spf-reserve)."""
+def make_policy(name: str, blocks: BlockManager, aging: float = DEFAULT_AGING, lookahead: int = DEFAULT_LOOKAHEAD,
+                window_blocks: WindowBlockManager | None = None) -> SchedulingPolicy:
+    """The policy an EngineConfig names (fcfs | spf | spf-reserve); `window_blocks`: the sliding-window
+    pool, if the model has one (spf-reserve reserves in both pools)."""
     if name == "fcfs":
         return FCFSPolicy()
     if name == "spf":
         return SPFPolicy(aging, lookahead=lookahead)
     if name == "spf-reserve":
-        return ReservingSPFPolicy(blocks, aging, lookahead=lookahead)
+        return ReservingSPFPolicy(blocks, aging, lookahead=lookahead, window_blocks=window_blocks)
     raise ValueError(f"unknown scheduling policy {name!r}: fcfs, spf or spf-reserve")

@@ -8,6 +8,12 @@ KV fill (CALM's state copy): an exited row's hidden state stays frozen, and ever
 layer still runs its input norm and q/k/v projection over *all* rows, so the exited
 rows' K/V for the skipped layers are written in the same matmul as the running rows'
 (no separate loop); attention and the MLP run only for rows still running.
+
+Models that mix sliding-window and full-attention layers (Gemma 3) keep two caches: one for
+the full layers, read through `Sequence.block_table`, and one for the window layers, read
+through `Sequence.window_table`, whose first entry is logical block `window_dropped` (the
+older ones were freed). Each layer writes and reads its own cache with its own slots and
+attention metadata; the window layers' positions count from their table's first block.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helios.attention import AttentionMetadata, PrefillChunk, attention, decode_groups
+from helios.block_manager import split_layers
 from helios.early_exit import ExitState
 from helios.exits import ExitHead
 from helios.kv_cache import KVCache, slot_mapping
@@ -34,6 +41,9 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] rows that produce a token, in `sampled` order
     forced_exit: torch.Tensor | None  # [T] layers to run per row (replay after preemption)
     first_rows: list[int] | None = None  # indices into sample_rows giving a request's first token (length head)
+    # the window layers' slots and attention (their own cache and block tables); None: no window pool
+    window_slot_mapping: torch.Tensor | None = None
+    window_attention: AttentionMetadata | None = None
 
 
 @dataclass
@@ -49,11 +59,25 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, exit_heads: list[ExitHead],
-                 policy: str, confidence: str, exit_profile: dict[int, float] | None = None, seed: int = 0):
+                 policy: str, confidence: str, exit_profile: dict[int, float] | None = None, seed: int = 0,
+                 num_window_blocks: int = 0):
+        """`num_window_blocks`: the sliding-window layers' pool (helios/block_manager.py kv_pool_blocks);
+        0 (or a model without both kinds of layers): every layer in one cache of `num_blocks`."""
         arch, weight = model.arch, model.embed_tokens.weight
         self.model, self.block_size, self.device = model, block_size, weight.device
-        self.cache = KVCache(model.num_loaded_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
-                             weight.dtype, weight.device)
+        full, window = split_layers([layer.sliding_window for layer in model.layers])
+        if not num_window_blocks:
+            full, window = list(range(len(model.layers))), []
+        make = lambda layers, blocks: KVCache(len(layers), blocks, block_size, arch.num_kv_heads,  # noqa: E731
+                                              arch.head_dim, weight.dtype, weight.device)
+        self.cache = make(full, num_blocks)  # the full-attention layers (all layers without a window pool)
+        self.window_cache = make(window, num_window_blocks) if window else None
+        # per layer: (its cache, its index there, whether it reads the window tables)
+        self.layer_caches: list[tuple[KVCache, int, bool]] = [None] * len(model.layers)
+        for n, i in enumerate(full):
+            self.layer_caches[i] = (self.cache, n, False)
+        for n, i in enumerate(window):
+            self.layer_caches[i] = (self.window_cache, n, True)
         self.policy, self.confidence = policy, confidence
         # exits strictly inside the loaded prefix; the last loaded layer always exits
         self.heads = {h.layer: h for h in exit_heads if h.layer < model.num_loaded_layers} if policy != "none" else {}
@@ -72,6 +96,7 @@ class ModelRunner:
         self.layer_qkv, self.layer_finish = DecoderLayer.qkv, DecoderLayer.finish
 
     # K/V as [layers, blocks, block_size, kv_heads, head_dim] views (the cache itself is kv-head-major)
+    # of the full-attention cache (every layer's without a window pool)
     @property
     def k_cache(self) -> torch.Tensor:
         return self.cache.k.permute(0, 2, 3, 1, 4)
@@ -103,20 +128,36 @@ class ModelRunner:
         first_rows = [i for i, c in enumerate(sampled) if not c.seq.output_ids] if self.capture_layers else None
         inputs = StepInputs(as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(sample_rows),
                             forced_exit, first_rows or None)
+        if self.window_cache is not None:
+            window_slots = []
+            for c in decode + prefill:
+                window_slots += slot_mapping(c.seq.window_table, self.block_size, c.start, c.end, c.seq.window_dropped)
+            inputs.window_slot_mapping = as_tensor(window_slots)
+            inputs.window_attention, _ = self._attention_metadata(decode, prefill, windowed=True)
         return inputs, sampled
 
-    def _attention_metadata(self, decode: list[Chunk], prefill: list[Chunk]) -> tuple[AttentionMetadata, list[int]]:
+    def _attention_metadata(self, decode: list[Chunk], prefill: list[Chunk], windowed: bool = False
+                            ) -> tuple[AttentionMetadata, list[int]]:
+        """Metadata over the block tables, or with `windowed` over the window tables. Positions count
+        from a table's first block: a window table that dropped its oldest blocks is read as if the
+        sequence began there (the masks are relative and RoPE is already in the keys)."""
         bs = self.block_size
-        blocks_used = [-(-c.end // bs) for c in decode]
+        if windowed:
+            tables, ctx = [c.seq.window_table for c in decode], [c.end - c.seq.window_dropped * bs for c in decode]
+        else:
+            tables, ctx = [c.seq.block_table for c in decode], [c.end for c in decode]
+        blocks_used = [-(-n // bs) for n in ctx]
         max_blocks = max(blocks_used, default=0)
-        decode_blocks = torch.tensor([c.seq.block_table[:max_blocks] + [0] * (max_blocks - n)
-                                      for c, n in zip(decode, blocks_used)], dtype=torch.long).view(len(decode), max_blocks)
-        ctx_lens = torch.tensor([c.end for c in decode], dtype=torch.long)
+        decode_blocks = torch.tensor([table[:max_blocks] + [0] * (max_blocks - n)
+                                      for table, n in zip(tables, blocks_used)], dtype=torch.long
+                                     ).view(len(decode), max_blocks)
+        ctx_lens = torch.tensor(ctx, dtype=torch.long)
         decode_mask = torch.arange(max_blocks * bs)[None, :] < ctx_lens[:, None]
         chunks, row, sample_rows = [], len(decode), list(range(len(decode)))
         for c in prefill:
-            table = torch.tensor(c.seq.block_table[: -(-c.end // bs)], dtype=torch.long, device=self.device)
-            chunks.append(PrefillChunk(row, row + c.end - c.start, table, c.start, c.end))
+            table, off = (c.seq.window_table, c.seq.window_dropped * bs) if windowed else (c.seq.block_table, 0)
+            blocks = torch.tensor(table[: -(-(c.end - off) // bs)], dtype=torch.long, device=self.device)
+            chunks.append(PrefillChunk(row, row + c.end - c.start, blocks, c.start - off, c.end - off))
             row += c.end - c.start
             if c.sample:
                 sample_rows.append(row - 1)
@@ -136,15 +177,16 @@ class ModelRunner:
         all_alive = True
         states: dict[int, torch.Tensor] = {}  # length head: first-token rows' states by layer
         for index, layer in enumerate(model.layers):
+            cache, at, windowed = self.layer_caches[index]
+            slots, meta = (inp.window_slot_mapping, inp.window_attention) if windowed else (inp.slot_mapping,
+                                                                                          inp.attention)
             q, k, v = self.layer_qkv(layer, hidden, cos, sin)  # every row: this is also the KV fill of exited rows
-            self.cache.write(index, inp.slot_mapping, k, v)
+            cache.write(at, slots, k, v)
             if all_alive:
-                hidden = self.layer_finish(layer, hidden, attention(self.cache, index, q, inp.attention, None,
-                                                                    layer.sliding_window))
+                hidden = self.layer_finish(layer, hidden, attention(cache, at, q, meta, None, layer.sliding_window))
             elif bool(exits.alive.any()):
                 rows = exits.alive.nonzero().squeeze(1)
-                attn = attention(self.cache, index, q, inp.attention, rows[rows < inp.attention.num_decode],
-                                 layer.sliding_window)
+                attn = attention(cache, at, q, meta, rows[rows < meta.num_decode], layer.sliding_window)
                 hidden = hidden.index_copy(0, rows, self.layer_finish(layer, hidden[rows], attn[rows]))
             ran = index + 1
             if inp.first_rows is not None and ran in self.capture_layers:

@@ -4,7 +4,9 @@ Each step first gives the running sequences their next token (decode; at most
 `max_num_seqs` of them, in the policy's order), then spends the rest of the token budget
 on prompt chunks (chunked prefill), so a long prompt never stalls decoding. When KV blocks
 run out a running sequence is preempted: its blocks are freed and it is requeued at the
-front, to be recomputed later; nothing is lost.
+front, to be recomputed later; nothing is lost. Models that mix sliding-window and full
+layers (Gemma 3) have a second pool for the window layers: a step needs room in both, and
+after it the window blocks no future query can see are freed (`WindowBlockManager.drop_old`).
 
 The scheduler owns its sequences: after the step, `update` appends the sampled tokens,
 advances the computed counts and finishes what ended. A policy object decides the order
@@ -17,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
-from helios.block_manager import BlockManager
+from helios.block_manager import BlockManager, WindowBlockManager
 from helios.sequence import Sequence, SequenceStatus
 from helios.stats import FinishedRequest
 
@@ -140,8 +142,9 @@ class SampledToken:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: SchedulingPolicy | None = None):
+                 policy: SchedulingPolicy | None = None, window_blocks: WindowBlockManager | None = None):
         self.blocks = block_manager
+        self.window_blocks = window_blocks  # the sliding-window layers' pool, if the model has one
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy or FCFSPolicy()
@@ -173,7 +176,7 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             end = seq.num_computed_tokens + min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.blocks.can_grow(seq, end):
+            while not self._can_grow(seq, end):
                 # candidates: those scheduled this step, this one, the rest, the parked (FCFS takes the last)
                 victim = self.policy.preemption_victim([c.seq for c in out.chunks] + [seq] + queue + parked)
                 budget += self._unschedule(victim, out)
@@ -184,7 +187,7 @@ class Scheduler:
                     if victim in pool:
                         pool.remove(victim)
             else:
-                self.blocks.grow(seq, end)
+                self._grow(seq, end)
                 out.chunks.append(Chunk(seq, seq.num_computed_tokens, end))
                 budget -= end - seq.num_computed_tokens
         return budget
@@ -197,9 +200,9 @@ class Scheduler:
             if not self.policy.can_admit(seq, self.running):
                 continue
             end = seq.num_computed_tokens + min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_grow(seq, end):
+            if not self._can_grow(seq, end):
                 break
-            self.blocks.grow(seq, end)
+            self._grow(seq, end)
             admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -207,6 +210,20 @@ class Scheduler:
             budget -= end - seq.num_computed_tokens
         for seq in admitted:  # after the loop: the queue is not changed while iterated
             self.waiting.remove(seq)
+
+    def _can_grow(self, seq: Sequence, end: int) -> bool:
+        """Room for tokens up to `end` of `seq` in every pool."""
+        return self.blocks.can_grow(seq, end) and (self.window_blocks is None or self.window_blocks.can_grow(seq, end))
+
+    def _grow(self, seq: Sequence, end: int) -> None:
+        self.blocks.grow(seq, end)
+        if self.window_blocks is not None:
+            self.window_blocks.grow(seq, end)
+
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if self.window_blocks is not None:
+            self.window_blocks.free(seq)
 
     @staticmethod
     def _unschedule(seq: Sequence, out: SchedulerOutput) -> int:
@@ -218,7 +235,7 @@ class Scheduler:
         return 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.blocks.free(seq)
+        self._free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -232,6 +249,8 @@ class Scheduler:
         """Apply a step's result: computed tokens advance, new tokens are appended, ended sequences finish."""
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens = chunk.end
+            if self.window_blocks is not None:  # blocks this step pushed out of the window
+                self.window_blocks.drop_old(chunk.seq)
         for item in sampled:
             seq = item.seq
             seq.output_ids.append(item.token)
@@ -252,7 +271,7 @@ class Scheduler:
         was_running = seq.status is SequenceStatus.RUNNING
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.blocks.free(seq)
+        self._free(seq)
         if was_running:
             self.running.remove(seq)
         else:

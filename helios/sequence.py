@@ -30,7 +30,11 @@ class Sequence:
     # exit_layers[j]: how many decoder layers ran for output token j
     exit_layers: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # full-attention layers: logical blocks 0, 1, ...
+    # sliding-window layers (a second pool, when the model mixes both): window_table[i] holds
+    # logical block window_dropped + i; the blocks before fell out of the window and were freed
+    window_table: list[int] = field(default_factory=list)
+    window_dropped: int = 0
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_preemptions: int = 0
     finish_reason: str | None = None

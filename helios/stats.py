@@ -39,7 +39,7 @@ class StepStats:
     num_preemptions: int
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # share of KV blocks in use, 0 to 1
+    kv_cache_usage: float  # share of KV blocks in use, 0 to 1 (with a sliding-window pool: the fuller pool's)
     num_layers_loaded: int
     finished: tuple[FinishedRequest, ...] = ()
 
