@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helios import LLM, SamplingParams  # noqa: E402
 from helios.tuning.datasets import load_prompts  # noqa: E402
-from common import machine, median_run  # noqa: E402
+from common import energy_window, machine, median_run  # noqa: E402
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -58,19 +58,22 @@ def run_transformers(model, prompt_ids: list[list[int]], max_tokens: int, batch_
                      eos_ids: set[int]) -> dict:
     """Static batches with transformers generate: a batch runs until its longest answer ends."""
     pad = next(iter(eos_ids))
-    outputs, start = [], time.perf_counter()
-    for i in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[i:i + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=list(eos_ids), pad_token_id=pad)[:, width:].tolist()
-        for row in gen:  # keep tokens up to and including the first EOS
-            cut = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
-            outputs.append(row[:cut])
-    return {"system": "transformers-static", "seconds": time.perf_counter() - start, "tokens": outputs}
+    outputs = []
+    with energy_window() as energy:
+        start = time.perf_counter()
+        for i in range(0, len(prompt_ids), batch_size):
+            batch = prompt_ids[i:i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.inference_mode():
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                     eos_token_id=list(eos_ids), pad_token_id=pad)[:, width:].tolist()
+            for row in gen:  # keep tokens up to and including the first EOS
+                cut = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+                outputs.append(row[:cut])
+        seconds = time.perf_counter() - start
+    return {"system": "transformers-static", "seconds": seconds, "tokens": outputs, "joules": energy.joules}
 
 
 def time_decode_steps(llm: LLM) -> dict:
@@ -94,11 +97,12 @@ def time_decode_steps(llm: LLM) -> dict:
 def run_helios(name: str, llm: LLM, prompt_ids: list[list[int]], max_tokens: int) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     decode = time_decode_steps(llm)
-    start = time.perf_counter()
-    outs = llm.generate(prompt_ids, params)
-    elapsed = time.perf_counter() - start
+    with energy_window() as energy:
+        start = time.perf_counter()
+        outs = llm.generate(prompt_ids, params)
+        elapsed = time.perf_counter() - start
     layers = [layer for o in outs for layer in o.exit_layers]
-    return {"system": name, "seconds": elapsed, "tokens": [o.token_ids for o in outs],
+    return {"system": name, "seconds": elapsed, "tokens": [o.token_ids for o in outs], "joules": energy.joules,
             "mean_exit_layer": statistics.fmean(layers),
             "decode_tokens_per_s": decode["tokens"] / max(decode["seconds"], 1e-9)}
 
@@ -108,6 +112,8 @@ def summarize(result: dict, reference: list[list[int]] | None, baseline_tps: flo
     row = {k: v for k, v in result.items() if k != "tokens"}
     row["output_tokens"] = n
     row["tokens_per_s"] = n / result["seconds"]
+    # measured where the machine has a meter (RAPL, NVML), else None: never estimated
+    row["energy_per_token_j"] = result["joules"] / n if result.get("joules") is not None and n else None
     if baseline_tps:
         row["ratio_to_transformers"] = row["tokens_per_s"] / baseline_tps
     if reference is not None:
