@@ -22,7 +22,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -33,7 +32,8 @@ from typing import AsyncIterator, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, median_run  # noqa: E402
+from common import energy_window, machine, median_run  # noqa: E402
+from length_ceiling import arrival_times, ceiling  # noqa: E402
 from helios.tuning.datasets import load_prompts  # noqa: E402
 
 
@@ -115,9 +115,9 @@ async def one_request(backend: Backend, prompt: str, max_tokens: int) -> Request
 
 
 async def run_load(backend: Backend, prompts: list[str], max_tokens: int, rate: float,
-                   max_concurrency: int | None, seed: int) -> tuple[list[RequestResult], float]:
-    """Poisson arrivals at `rate` requests/s (inf: all at once), at most `max_concurrency` in flight."""
-    rng = random.Random(seed)
+                   max_concurrency: int | None, seed: int) -> tuple[list[RequestResult], float, float | None]:
+    """Poisson arrivals at `rate` requests/s (inf: all at once), at most `max_concurrency` in flight.
+    Returns the results, the seconds and the machine's joules meanwhile (None: no energy meter)."""
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     async def limited(prompt: str) -> RequestResult:
@@ -126,13 +126,14 @@ async def run_load(backend: Backend, prompts: list[str], max_tokens: int, rate: 
         async with gate:
             return await one_request(backend, prompt, max_tokens)
 
-    tasks, start = [], time.perf_counter()
-    for prompt in prompts:
-        tasks.append(asyncio.create_task(limited(prompt)))
-        if math.isfinite(rate):
-            await asyncio.sleep(rng.expovariate(rate))
-    results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start
+    with energy_window() as energy:
+        tasks, start = [], time.perf_counter()
+        for prompt, at in zip(prompts, arrival_times(len(prompts), rate, seed)):
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(limited(prompt)))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return results, duration, energy.joules
 
 
 def _stats(values: list[float]) -> dict:
@@ -144,7 +145,9 @@ def _stats(values: list[float]) -> dict:
             "p99_ms": 1000 * p99}
 
 
-def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, float]) -> dict:
+def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, float],
+              joules: float | None = None) -> dict:
+    """The run's figures; energy only where the machine has a meter (`joules` None: absent, not 0)."""
     done = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in done)
 
@@ -160,6 +163,7 @@ def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, f
         "goodput": sum(map(meets, done)) / duration if slo_ms else None,
         "ttft": _stats([r.ttft for r in done]), "tpot": _stats([r.tpot for r in done if r.tpot is not None]),
         "itl": _stats([gap for r in done for gap in r.itls]), "e2e": _stats([r.e2e for r in done]),
+        "energy_joules": joules, "energy_per_token_j": joules / tokens if joules is not None and tokens else None,
     }
 
 
@@ -168,6 +172,8 @@ def print_summary(name: str, summary: dict) -> None:
     print(f"   request throughput {summary['request_throughput']:.2f} req/s, "
           f"output {summary['output_throughput']:.1f} tok/s" +
           (f", goodput {summary['goodput']:.2f} req/s" if summary["goodput"] is not None else ""))
+    if summary.get("energy_per_token_j") is not None:
+        print(f"   energy {summary['energy_joules']:.1f} J, {summary['energy_per_token_j']:.3f} J per output token")
     for key in ("ttft", "tpot", "itl", "e2e"):
         s = summary[key]
         if s["mean_ms"] is not None:
@@ -180,11 +186,11 @@ async def bench_http(args, prompts: list[str], slo: dict) -> dict:
     backend, close = http_backend(args.base_url, args.model, ignore_eos=not args.natural_lengths)
     try:
         await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
-        results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,
-                                           args.max_concurrency, args.seed)
+        results, duration, joules = await run_load(backend, prompts, args.max_tokens, args.request_rate,
+                                                   args.max_concurrency, args.seed)
     finally:
         await close()
-    return summarize(results, duration, slo)
+    return summarize(results, duration, slo, joules)
 
 
 async def bench_in_process(args, prompts: list[str], slo: dict) -> dict:
@@ -196,11 +202,11 @@ async def bench_in_process(args, prompts: list[str], slo: dict) -> dict:
     backend = in_process_backend(engine, ignore_eos=not args.natural_lengths)
     try:
         await run_load(backend, prompts[:2], 4, math.inf, None, args.seed)  # warm-up
-        results, duration = await run_load(backend, prompts, args.max_tokens, args.request_rate,
-                                           args.max_concurrency, args.seed)
+        results, duration, joules = await run_load(backend, prompts, args.max_tokens, args.request_rate,
+                                                   args.max_concurrency, args.seed)
     finally:
         engine.shutdown()
-    return summarize(results, duration, slo)
+    return summarize(results, duration, slo, joules)
 
 
 def start_helios(args) -> None:
@@ -283,8 +289,9 @@ async def one_policy_run(engine, args, prompts: list[str], rate: float, slo: dic
     lengths: list = []
     backend = in_process_backend(engine, ignore_eos=not args.natural_lengths, lengths=lengths)
     preempted = engine.engine.stats.preemptions
-    results, duration = await run_load(backend, prompts, args.max_tokens, rate, args.max_concurrency, args.seed)
-    summary = summarize(results, duration, slo)
+    results, duration, joules = await run_load(backend, prompts, args.max_tokens, rate, args.max_concurrency,
+                                               args.seed)
+    summary = summarize(results, duration, slo, joules)
     errors = [abs(p - a) for p, a in lengths if p is not None]
     summary.update(preemptions=engine.engine.stats.preemptions - preempted,
                    mean_output_tokens=statistics.fmean(a for _, a in lengths) if lengths else None,
@@ -301,6 +308,7 @@ async def compare_policies(args, prompts: list[str], slo: dict, save: Callable[[
     try:
         for engine in engines.values():  # warm-up
             await run_load(in_process_backend(engine), prompts[:2], 4, math.inf, None, args.seed)
+        truth = None
         if any(policy.endswith("-oracle") for policy in policies):
             truth = await greedy_lengths(next(iter(engines.values())), args, prompts)
             engines.update({policy: policy_engine(args, policy, truth) for policy in policies if policy not in engines})
@@ -318,6 +326,12 @@ async def compare_policies(args, prompts: list[str], slo: dict, save: Callable[[
             rows[str(rate)] = {policy: {"median": median_run(r, key=lambda s: s["e2e"]["mean_ms"]),
                                         "mean_e2e_ms_runs": [s["e2e"]["mean_ms"] for s in r]}
                                for policy, r in runs.items()}
+            if truth is not None:  # what perfect shortest-remaining-first could give on these requests
+                step_s = rows[str(rate)][policies[0]]["median"]["itl"]["median_ms"] / 1000
+                rows[str(rate)]["ceiling"] = ceiling([truth[p] for p in prompts], arrival_times(
+                    len(prompts), rate, args.seed), args.max_num_seqs, step_s)
+                print(f"   ceiling (slot model, true lengths): mean E2E {rows[str(rate)]['ceiling']['mean_speedup']:.2f}x "
+                      f"lower under shortest-remaining-first than FCFS", flush=True)
             save(rows)
         return rows
     finally:
