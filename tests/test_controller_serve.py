@@ -62,6 +62,15 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def controller_pid(ray, get_controller) -> int | None:
+    """The controller's process id, or None while it is restarting (a new worker imports torch
+    and the engine first: on a loaded 2-core machine that took over 30 s)."""
+    try:
+        return ray.get(get_controller().__ray_call__.remote(lambda self: __import__("os").getpid()), timeout=10)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return None
+
+
 def test_workload_breaches_deepen_then_switch_without_losing_a_request(tmp_path, tiny_chat_model_dir):
     import ray
     from ray import serve
@@ -98,8 +107,7 @@ def test_workload_breaches_deepen_then_switch_without_losing_a_request(tmp_path,
         before, served_before = ray.get(controller.current.remote()), clients.ok
         pid = ray.get(controller.__ray_call__.remote(lambda self: __import__("os").getpid()))
         ray.kill(controller, no_restart=False)
-        back = eventually(lambda: ray.get(get_controller().__ray_call__.remote(
-            lambda self: __import__("os").getpid()), timeout=30) != pid, 60)
+        back = eventually(lambda: controller_pid(ray, get_controller) not in (None, pid), 180)
         after = ray.get(get_controller().current.remote())
         kept_serving = eventually(lambda: clients.ok >= served_before + 4, 60)
         records = ray.get(get_controller().history.remote())

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from helios import LLM, SamplingParams
+from helios.catalog import CATALOG
+from helios.model_cache import missing_packages
 from helios.tuning.distill import build_distill_set, full_depth_tokens, same_prefix_agreement
 from helios.tuning.ee_tune import TuneOptions, calibrate, exit_scores, kl_to_teacher, simulate, train_head, tune
 from helios.exits import SHIPPED_HEADS, ExitHead, ExitHeadError, apply_calibration
@@ -13,7 +15,6 @@ from helios.exits import SHIPPED_HEADS, ExitHead, ExitHeadError, apply_calibrati
 TRAIN = ["The capital of France is", "Once upon a time", "Helios serves models", "numbers 0123", "the quick brown fox",
          "a tiny model answered", "questions about the weather", "jumps over the lazy dog"]
 HELDOUT = ["Paris is the capital", "early-exit language models", "over the lazy fox", "a time upon once"]
-SHIPPED = SHIPPED_HEADS / "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +97,27 @@ def test_apply_calibration_refuses_an_unmet_target():
 
 
 @pytest.mark.e2e
-def test_shipped_heads_keep_their_calibrated_agreement():
+@pytest.mark.parametrize("alias", [alias for alias, entry in CATALOG.items() if entry.exit_heads])
+def test_shipped_heads_keep_their_calibrated_agreement(alias):
     """The engine at the 0.95 target, on held-out prompts: its tokens agree with full depth
     (on the same prefix) at least as often as calibration promised, within 0.03. In float32,
     the dtype the heads were calibrated in: in bfloat16, full depth alone disagrees with a
     dense full-depth pass on ~2% of tokens (rounding), which no threshold can promise away."""
-    if not (SHIPPED / "exit_heads.json").is_file():
+    entry = CATALOG[alias]
+    shipped = SHIPPED_HEADS / entry.exit_heads
+    if not (shipped / "exit_heads.json").is_file():
         pytest.skip("no shipped exit heads")
+    missing = missing_packages(entry)
+    if missing:
+        pytest.skip(f"{alias} is not installed: {entry.install_line(missing)}")
     from helios.tuning.datasets import SHARED_DATA, load_prompts
 
-    report = json.loads((SHIPPED / "report.json").read_text())
+    report = json.loads((shipped / "report.json").read_text())
     calibrated = report["targets"]["0.95"]["agreement"]
     path = SHARED_DATA / "self_instruct_seed_tasks.jsonl"
     prompts = load_prompts(path, 200)[-6:] if path.is_file() else ["Write a haiku about autumn."] * 3
-    early = LLM(exit_heads=str(SHIPPED), exit_policy="token", exit_target=0.95, kv_cache_memory=256 << 20,
-                dtype="float32")
+    early = LLM(alias, exit_heads=entry.exit_heads, exit_policy="token", exit_target=0.95,
+                kv_cache_memory=256 << 20, dtype="float32")
     outputs = early.chat([[{"role": "user", "content": p}] for p in prompts],
                          SamplingParams(max_tokens=48, temperature=0))
     assert same_prefix_agreement(early.engine.model, outputs) >= calibrated - 0.03
