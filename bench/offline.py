@@ -85,7 +85,7 @@ def time_decode_steps(llm: LLM) -> dict:
     def timed(inputs):
         start = time.perf_counter()
         result = run(inputs)
-        if not inputs.prefill:
+        if not inputs.attention.prefill:  # decode-only step
             totals["seconds"] += time.perf_counter() - start
             totals["tokens"] += len(inputs.sample_rows)
         return result

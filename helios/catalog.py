@@ -93,6 +93,7 @@ CATALOG: dict[str, CatalogEntry] = {
             chat_template="GGUF metadata (tokenizer.chat_template, ChatML)",
             arch="qwen2",
             num_layers=24,
+            exit_heads="qwen2.5-coder-0.5b",
         ),
         _entry(
             alias="qwen2.5-coder-1.5b",
