@@ -30,7 +30,7 @@ from common import machine  # noqa: E402
 from offline import agreement, time_decode_steps  # noqa: E402
 
 from helios import LLM, SamplingParams  # noqa: E402
-from helios.tuning.datasets import SHARED_DATA, load_prompts  # noqa: E402
+from helios.tuning.datasets import SHARED_DATA, as_requests, load_prompts  # noqa: E402
 from helios.tuning.distill import same_prefix_agreement  # noqa: E402
 from helios.exits import SHIPPED_HEADS, apply_calibration  # noqa: E402
 
@@ -55,12 +55,13 @@ def run(llm: LLM, prompts: list, max_tokens: int) -> dict:
             "mean_exit_layer": statistics.fmean(l for o in outputs for l in o.exit_layers)}
 
 
-def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
+def bench_batch(args, texts: list[str], batch: int, meta: dict) -> list[dict]:
     """Full depth before and after the exit runs: the machine drifts, so each ratio is to their mean."""
     llm = LLM(args.model, exit_heads=args.heads, exit_policy="token", max_num_seqs=batch,
               kv_cache_memory=args.kv_cache_memory, dtype=args.dtype)
     heads = dict(llm.engine.runner.heads)
     configure(llm, heads, meta, "none", None)
+    prompts = as_requests(texts, llm.tokenizer)
     run(llm, prompts[:2], 8)  # warm-up
     full_before = run(llm, prompts, args.max_tokens)
     reference = [o.token_ids for o in full_before["outputs"]]
@@ -87,7 +88,7 @@ def bench_batch(args, prompts: list, batch: int, meta: dict) -> list[dict]:
     return [full] + rows
 
 
-def teacher_forced(args, prompts: list, meta: dict) -> dict:
+def teacher_forced(args, texts: list[str], meta: dict) -> dict:
     """On these prompts' full-depth continuations: what the calibrated thresholds do per token, and
     the oracle bound (each token at the first exit whose head agrees: what better confidence could win)."""
     from helios.tuning.distill import build_distill_set
@@ -97,7 +98,7 @@ def teacher_forced(args, prompts: list, meta: dict) -> dict:
               dtype=args.dtype)
     heads = sorted(llm.engine.runner.heads.values(), key=lambda h: h.layer)
     layers, depth = [h.layer for h in heads], llm.engine.arch.num_layers
-    data = build_distill_set(llm, prompts, layers, args.max_tokens, progress=False)
+    data = build_distill_set(llm, as_requests(texts, llm.tokenizer), layers, args.max_tokens, progress=False)
     scores, agrees = exit_scores(llm.engine.model, heads, data)
     result = {"tokens": len(data), "oracle": oracle(agrees, layers, depth), "targets": {}}
     for target in args.targets:
@@ -151,14 +152,13 @@ def main() -> None:
     args.targets = ([float(t) for t in args.targets.split(",")] if args.targets
                     else sorted(float(t) for t in meta["calibration"]))
     texts = load_prompts(args.dataset)[-args.num_prompts:]
-    prompts = [[{"role": "user", "content": t}] for t in texts]
     started = time.time()
-    rows = bench_batch(args, prompts[:args.num_prompts_batch1], 1, meta)
-    rows += bench_batch(args, prompts, args.batch_size, meta)
+    rows = bench_batch(args, texts[:args.num_prompts_batch1], 1, meta)
+    rows += bench_batch(args, texts, args.batch_size, meta)
     report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "heads": args.heads,
-              "dataset": args.dataset, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+              "dataset": args.dataset, "num_prompts": len(texts), "max_tokens": args.max_tokens,
               "wall_seconds": time.time() - started, "results": rows,
-              "teacher_forced": teacher_forced(args, prompts, meta)}
+              "teacher_forced": teacher_forced(args, texts, meta)}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

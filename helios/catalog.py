@@ -120,6 +120,7 @@ CATALOG: dict[str, CatalogEntry] = {
             chat_template="none: a base model, prompted with plain text (its GGUF carries no template)",
             arch="gemma3",
             num_layers=18,
+            exit_heads="gemma3-270m",
         ),
     )
 }

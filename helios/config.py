@@ -42,7 +42,8 @@ class EngineConfig:
     exit_threshold: float = _option(0.9, "confidence threshold of exits without their own (untuned heads)")
     confidence: str | None = _option(None, "default: the exit heads' own measure, else max_prob",
                                      choices=CONFIDENCE_MEASURES)
-    exit_heads: str | None = _option(None, "folder of tuned exit heads, or a shipped name (smollm2-135m, qwen2.5-coder-0.5b)")
+    exit_heads: str | None = _option(None, "folder of tuned exit heads, or a shipped name "
+                                           "(smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m)")
     exit_target: float | None = _option(None, "token agreement the tuned heads' thresholds were calibrated for "
                                               "(e.g. 0.95)")
     # synthetic exits for benchmarks: {exit layer: probability}; checks still run, the

@@ -37,3 +37,10 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     if not prompts:
         raise ValueError(f"{path}: no prompts found (expected Alpaca, JSONL prompt/instruction, or ShareGPT records)")
     return prompts[:limit] if limit else prompts
+
+
+def as_requests(texts: list[str], tokenizer) -> list:
+    """Prompts as one-turn chats when the model has a chat template, else as plain text (base models)."""
+    if tokenizer is not None and tokenizer.chat_template:
+        return [[{"role": "user", "content": t}] for t in texts]
+    return list(texts)

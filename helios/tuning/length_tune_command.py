@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from helios.length import LengthHeadSpec, save_length_head
-from helios.tuning.datasets import load_prompts
+from helios.tuning.datasets import as_requests, load_prompts
 from helios.tuning.length_tune import LengthData, TrainOptions, collect, evaluate, head_cost, train_head
 
 logger = logging.getLogger("helios.tune")
@@ -18,11 +18,11 @@ logger = logging.getLogger("helios.tune")
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def _prompts(files: list[str], limit: int, use_chat: bool, skip: int = 0) -> list:
+def _prompts(files: list[str], limit: int, tokenizer, skip: int = 0) -> list:
     """`limit` prompts drawn evenly from each file (after the first `skip` of each)."""
     per_file = -(-limit // len(files))
     texts = [p for f in files for p in load_prompts(f)[skip:skip + per_file]][:limit]
-    return [[{"role": "user", "content": t}] for t in texts] if use_chat else texts
+    return as_requests(texts, tokenizer)
 
 
 class _Progress:
@@ -53,9 +53,8 @@ def run_length_tune(args) -> int:
     if layers[-1] > arch.num_layers or layers[0] < 1:
         raise ValueError(f"--layers must be in 1..{arch.num_layers}, got {layers}")
     args.layers = layers
-    use_chat = llm.tokenizer is not None and bool(llm.tokenizer.chat_template)
-    train_prompts = _prompts(args.dataset, args.num_prompts, use_chat)
-    heldout = {Path(f).name: _prompts([f], args.heldout_prompts, use_chat) for f in args.heldout}
+    train_prompts = _prompts(args.dataset, args.num_prompts, llm.tokenizer)
+    heldout = {Path(f).name: _prompts([f], args.heldout_prompts, llm.tokenizer) for f in args.heldout}
     logger.info("length-tune: %d training prompts from %s; held out: %s; %d tokens at most, greedy + %d samples",
                 len(train_prompts), args.dataset, {k: len(v) for k, v in heldout.items()}, args.max_tokens,
                 args.num_samples)
