@@ -44,3 +44,9 @@ def as_requests(texts: list[str], tokenizer) -> list:
     if tokenizer is not None and tokenizer.chat_template:
         return [[{"role": "user", "content": t}] for t in texts]
     return list(texts)
+
+
+def sample_requests(files: list[str], limit: int, tokenizer) -> list:
+    """`limit` prompts drawn evenly from the start of each file, formatted by `as_requests`."""
+    per_file = -(-limit // len(files))
+    return as_requests([p for f in files for p in load_prompts(f, per_file)][:limit], tokenizer)

@@ -7,19 +7,12 @@ import logging
 import time
 from pathlib import Path
 
-from helios.tuning.datasets import as_requests, load_prompts
+from helios.tuning.datasets import sample_requests
 from helios.tuning.distill import DistillSet, build_distill_set
 from helios.tuning.ee_tune import TuneOptions, calibrate, exit_scores, head_agrees, kl_to_teacher, oracle, simulate, tune
 from helios.exits import ExitHead, save_exit_heads
 
 logger = logging.getLogger("helios.tune")
-
-
-def _prompts(files: list[str], limit: int, tokenizer) -> list:
-    """`limit` prompts drawn evenly from each file, as chat messages when the model has a template."""
-    per_file = -(-limit // len(files))
-    texts = [p for f in files for p in load_prompts(f, per_file)][:limit]
-    return as_requests(texts, tokenizer)
 
 
 def _split(data: DistillSet) -> tuple[DistillSet, DistillSet]:
@@ -47,8 +40,8 @@ def run_ee_tune(args) -> int:
     model = llm.engine.model
     if exits[-1] >= model.arch.num_layers:
         raise ValueError(f"exits must be below the model's {model.arch.num_layers} layers, got {exits}")
-    train_prompts = _prompts(args.dataset, args.num_prompts, llm.tokenizer)
-    heldout_prompts = _prompts(args.heldout, args.heldout_prompts, llm.tokenizer)
+    train_prompts = sample_requests(args.dataset, args.num_prompts, llm.tokenizer)
+    heldout_prompts = sample_requests(args.heldout, args.heldout_prompts, llm.tokenizer)
     logger.info("self-distillation: %d training prompts from %s, %d held-out prompts from %s",
                 len(train_prompts), args.dataset, len(heldout_prompts), args.heldout)
     train = build_distill_set(llm, train_prompts, exits, args.max_tokens)

@@ -10,19 +10,10 @@ from pathlib import Path
 import torch
 
 from helios.length import LengthHeadSpec, save_length_head
-from helios.tuning.datasets import as_requests, load_prompts
+from helios.tuning.datasets import SHARED_DATA, sample_requests
 from helios.tuning.length_tune import LengthData, TrainOptions, collect, evaluate, head_cost, train_head
 
 logger = logging.getLogger("helios.tune")
-# ../shared/data beside the checkout
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def _prompts(files: list[str], limit: int, tokenizer, skip: int = 0) -> list:
-    """`limit` prompts drawn evenly from each file (after the first `skip` of each)."""
-    per_file = -(-limit // len(files))
-    texts = [p for f in files for p in load_prompts(f)[skip:skip + per_file]][:limit]
-    return as_requests(texts, tokenizer)
 
 
 class _Progress:
@@ -53,8 +44,8 @@ def run_length_tune(args) -> int:
     if layers[-1] > arch.num_layers or layers[0] < 1:
         raise ValueError(f"--layers must be in 1..{arch.num_layers}, got {layers}")
     args.layers = layers
-    train_prompts = _prompts(args.dataset, args.num_prompts, llm.tokenizer)
-    heldout = {Path(f).name: _prompts([f], args.heldout_prompts, llm.tokenizer) for f in args.heldout}
+    train_prompts = sample_requests(args.dataset, args.num_prompts, llm.tokenizer)
+    heldout = {Path(f).name: sample_requests([f], args.heldout_prompts, llm.tokenizer) for f in args.heldout}
     logger.info("length-tune: %d training prompts from %s; held out: %s; %d tokens at most, greedy + %d samples",
                 len(train_prompts), args.dataset, {k: len(v) for k, v in heldout.items()}, args.max_tokens,
                 args.num_samples)
@@ -138,6 +129,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-data", action="store_true", help="also write the pairs (pairs.pt)")
     parser.add_argument("--from-pairs", default=None, help="train from a saved pairs.pt instead of generating")
-    parser.set_defaults(func=main, default_train=[str(SHARED / f) for f in ("gpteacher_roleplay.json", "gpteacher_toolformer.json",
+    parser.set_defaults(func=main, default_train=[str(SHARED_DATA / f) for f in ("gpteacher_roleplay.json", "gpteacher_toolformer.json",
                                                                  "gsm8k_train.json")],
-                        default_heldout=[str(SHARED / "self_instruct_seed_tasks.jsonl")])
+                        default_heldout=[str(SHARED_DATA / "self_instruct_seed_tasks.jsonl")])
