@@ -43,7 +43,7 @@ from helios.sampling_params import SamplingParams  # noqa: E402
 from helios.scheduler import Chunk  # noqa: E402
 from helios.sequence import Sequence  # noqa: E402
 
-BASE_MODULES = ("kv_cache", "attention", "runner")
+BASE_MODULES = ("kv_cache", "attention", "runner", "model")
 
 
 def baseline_runner_class(revision: str):
@@ -95,9 +95,10 @@ def best_step(runner, chunks: list[Chunk], steps: int) -> tuple[float, float, to
     return *min(times), logits
 
 
-def make_variants(model, num_blocks: int, block_size: int, baseline: str, compile_step: bool) -> dict:
+def make_variants(model, num_blocks: int, block_size: int, baseline: str, compile_step: bool,
+                  kernels: tuple[str, ...] = ("paged", "sdpa", "matmul")) -> dict:
     variants = {"baseline": baseline_runner_class(baseline)(model, num_blocks, block_size, [], "none", "max_prob")}
-    for kernel in ("sdpa", "matmul"):
+    for kernel in kernels:
         runner = ModelRunner(model, num_blocks, block_size, [], "none", "max_prob")
         runner.decode_kernel = kernel
         variants[kernel] = runner
@@ -114,7 +115,7 @@ def run_dtype(args, dtype: str) -> dict:
     model = load_model(args.model, dtype=dtype, load_tokenizer=False).model
     arch, bs = model.arch, args.block_size
     num_blocks = args.batch * (max(args.contexts) // bs + 1) + 8
-    variants = make_variants(model, num_blocks, bs, args.baseline, args.compile)
+    variants = make_variants(model, num_blocks, bs, args.baseline, args.compile, tuple(args.kernels.split(",")))
     for which in ("k", "v"):
         ref = torch.randn(model.num_loaded_layers, num_blocks, bs, arch.num_kv_heads, arch.head_dim,
                           generator=torch.Generator().manual_seed(1 if which == "k" else 2))
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round (the best is kept)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernels", default="paged,sdpa,matmul", help="this checkout's decode kernels to time")
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -13,13 +13,14 @@ runner shifts their context lengths and chunk starts by the dropped blocks. The 
 relative (causal, and the window), and RoPE is already in the cached keys, so the shift
 changes no result: attention needs no offset of its own.
 
-Decode kernels (`AttentionMetadata.decode_kernel`), both over K/V gathered so that each
-(row, kv head) context is one contiguous matrix (the cache is kv-head-major): `sdpa`
-(default) hands it to scaled_dot_product_attention, with the very numerics of the previous
-layout; `matmul` runs two batched matmuls around a float32 softmax. In a batch-64 decode
-step A/B (bench/decode_step_ab.py, bench/results/README.md) `sdpa` was 1.09-1.2x faster than
-the previous layout in bf16 and `matmul` within noise of it (fp32: no difference beyond the
-noise for either), so the default keeps SDPA's numerics.
+Decode kernels (`AttentionMetadata.decode_kernel`, EngineConfig.decode_kernel): `paged` (the
+default on CPU) reads each row's K/V from the cache in place, through its block table, in one
+C++ kernel (helios/csrc/paged_decode.cpp, float32 scores and an exact softmax); `sdpa` (the
+default elsewhere) and `matmul` first gather each (row, kv head) context into one contiguous
+matrix (the cache is kv-head-major), then hand it to scaled_dot_product_attention, or to two
+batched matmuls around a float32 softmax. The gather copies every row's context per layer
+per step: in a batch-64 decode step A/B on a 2-core CPU (bench/decode_step_ab.py,
+bench/results/README.md) `paged` made the whole step 1.3-1.7x faster than `sdpa`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from helios.cpu_kernels import build_error, paged_decode_op
 from helios.kv_cache import KVCache
 
 
-DECODE_KERNELS = ("sdpa", "matmul")
+DECODE_KERNELS = ("paged", "sdpa", "matmul")
 
 
 @dataclass
@@ -111,6 +113,12 @@ def _decode_attention(cache: KVCache, layer: int, q: torch.Tensor, meta: Attenti
                       rows: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
     """[R, H*D] for the decode rows `rows` (ascending; None = all), one length group at a time;
     None if there are no such rows."""
+    if meta.decode_kernel == "paged":  # every row over its own context: no groups, no masks
+        picked = slice(0, meta.num_decode) if rows is None else rows
+        if not meta.num_decode or (rows is not None and not len(rows)):
+            return None
+        return _paged_decode(cache, layer, q[picked], meta.decode_blocks[picked], meta.decode_ctx_lens[picked],
+                             window)
     span, outs, mask = cache.block_size, [], meta.decode_mask_for(window)
     for start, end, blocks in meta.decode_groups:
         picked = slice(start, end) if rows is None else rows[(rows >= start) & (rows < end)]
@@ -119,6 +127,15 @@ def _decode_attention(cache: KVCache, layer: int, q: torch.Tensor, meta: Attenti
             outs.append(kernel(cache, layer, q[picked], meta.decode_blocks[picked, :blocks],
                                mask[picked, :blocks * span]))
     return None if not outs else outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _paged_decode(cache: KVCache, layer: int, q: torch.Tensor, blocks: torch.Tensor, ctx_lens: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+    """One-token attention of rows q [R, H, D] read from the cache in place (helios/csrc): [R, H*D]."""
+    op = paged_decode_op()
+    if op is None:
+        raise RuntimeError(f"the paged decode kernel could not be built: {build_error()}")
+    return op(q.contiguous(), cache.k[layer], cache.v[layer], blocks, ctx_lens, window or 0, q.shape[-1] ** -0.5)
 
 
 def _matmul_decode(cache: KVCache, layer: int, q: torch.Tensor, blocks: torch.Tensor,

@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXIT_POLICIES = ("none", "batch", "token")
 SCHEDULING_POLICIES = ("fcfs", "spf", "spf-reserve")
 CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation", "classifier")
+DECODE_KERNELS = ("auto", "paged", "sdpa", "matmul")  # helios/attention.py
 
 
 def _option(default, help: str, **extra):
@@ -60,6 +61,10 @@ class EngineConfig:
     length_lookahead: int = _option(64, "spf: sequences admitted beyond max_num_seqs, prefilled so that their "
                                         "length is predicted, and parked until they rank among the "
                                         "max_num_seqs shortest (0: rank only sequences back from preemption)")
+    decode_kernel: str = _option("auto", "decode attention: paged (C++ kernel reading the paged KV cache in place, "
+                                         "CPU only, built on first use), sdpa (gather + scaled_dot_product_attention),"
+                                         " matmul; auto: paged on CPU when it builds, else sdpa",
+                                 choices=DECODE_KERNELS)
     compile_layers: bool = _option(False, "compile the layers' dense parts with torch.compile (inductor) at start-up; "
                                           "off: measured slower on a 2-core CPU (bench/results: decode step A/B)")
     seed: int = _option(0, "seed of the engine's own random draws (synthetic exits)", cli=False)
@@ -69,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {self.exit_policy!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.confidence is not None and self.confidence not in CONFIDENCE_MEASURES:

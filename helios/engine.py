@@ -16,6 +16,7 @@ import torch
 
 from helios.block_manager import BlockManager, WindowBlockManager, kv_bytes_per_token, kv_pool_blocks, split_layers
 from helios.config import EngineConfig
+from helios.cpu_kernels import resolve_decode_kernel
 from helios.exits import heads_for_config
 from helios.inputs import InputProcessor, Prompt
 from helios.length import load_length_head
@@ -87,7 +88,9 @@ class LLMEngine:
                     self._describe_kv(dtype.itemsize))
         self.runner = ModelRunner(self.model, self.blocks.num_blocks, config.block_size, heads, config.exit_policy,
                                   confidence, config.exit_profile, config.seed,
-                                  self.window_blocks.num_blocks if self.window_blocks else 0)
+                                  self.window_blocks.num_blocks if self.window_blocks else 0,
+                                  resolve_decode_kernel(config.decode_kernel, device))
+        logger.info("decode attention: %s", self.runner.decode_kernel)
         if config.compile_layers:  # compiled and warmed up here, so the first request does not pay for it
             logger.info("compiled the layers in %.1f s", self.runner.compile_layers())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,

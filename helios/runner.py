@@ -60,9 +60,10 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, exit_heads: list[ExitHead],
                  policy: str, confidence: str, exit_profile: dict[int, float] | None = None, seed: int = 0,
-                 num_window_blocks: int = 0):
+                 num_window_blocks: int = 0, decode_kernel: str = "sdpa"):
         """`num_window_blocks`: the sliding-window layers' pool (helios/block_manager.py kv_pool_blocks);
-        0 (or a model without both kinds of layers): every layer in one cache of `num_blocks`."""
+        0 (or a model without both kinds of layers): every layer in one cache of `num_blocks`.
+        `decode_kernel`: one of helios.attention.DECODE_KERNELS (the engine resolves its config's auto)."""
         arch, weight = model.arch, model.embed_tokens.weight
         self.model, self.block_size, self.device = model, block_size, weight.device
         full, window = split_layers([layer.sliding_window for layer in model.layers])
@@ -91,7 +92,7 @@ class ModelRunner:
         # first-token states prefill keeps (the head's, or the tuning tool's); empty: off
         self.length_head = None
         self.capture_layers: frozenset[int] = frozenset()
-        self.decode_kernel = "sdpa"  # helios.attention.DECODE_KERNELS; bench/decode_step_ab.py measures them
+        self.decode_kernel = decode_kernel  # bench/decode_step_ab.py measures them
         # a layer's dense parts (norms, projections, RoPE, MLP); compile_layers() swaps in compiled ones
         self.layer_qkv, self.layer_finish = DecoderLayer.qkv, DecoderLayer.finish
 

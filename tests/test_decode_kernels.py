@@ -1,10 +1,13 @@
-"""Decode attention kernels: `matmul` equals `sdpa` (and a float64 reference) on a paged cache,
-with sliding windows, ragged contexts and shuffled block tables."""
+"""Decode attention kernels: `paged` (the C++ kernel reading the cache in place) and `matmul`
+equal `sdpa` (and a float64 reference) on a paged cache, with sliding windows, ragged contexts
+and shuffled block tables; `auto` picks the kernel, and falls back when it cannot be built."""
 
 import pytest
 import torch
 
+from helios import cpu_kernels
 from helios.attention import DECODE_KERNELS, AttentionMetadata, attention, decode_groups
+from helios.cpu_kernels import resolve_decode_kernel
 from helios.kv_cache import KVCache
 
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 16, 4
@@ -53,7 +56,8 @@ def test_kernels_match_reference(window, dtype, tolerance):
         outs[kernel] = attention(cache, 0, q, meta, None, window)
         expected = reference(cache, meta, q, window)
         assert (outs[kernel].double() - expected).abs().max() < tolerance, kernel
-    assert (outs["matmul"].double() - outs["sdpa"].double()).abs().max() < tolerance
+    for kernel in ("matmul", "paged"):
+        assert (outs[kernel].double() - outs["sdpa"].double()).abs().max() < tolerance, kernel
 
 
 def test_kernels_on_a_subset_of_rows():
@@ -62,8 +66,39 @@ def test_kernels_on_a_subset_of_rows():
     for kernel in DECODE_KERNELS:
         cache, meta, q = paged_case(torch.float32, [2, 5, 8, 11, 20, 21], kernel, seed=1)
         outs[kernel] = attention(cache, 0, q, meta, torch.tensor([1, 4, 5]))
-    assert torch.allclose(outs["matmul"], outs["sdpa"], atol=1e-5)
-    assert outs["matmul"][[0, 2, 3]].abs().max() == 0  # rows not asked for stay zero
+    for kernel in ("matmul", "paged"):
+        assert torch.allclose(outs[kernel], outs["sdpa"], atol=1e-5), kernel
+        assert outs[kernel][[0, 2, 3]].abs().max() == 0  # rows not asked for stay zero
+
+
+def test_paged_kernel_reads_a_long_context_of_many_blocks():
+    """head_dim 64 (a compiled-in size), 9 query heads over 3 kv heads, 300-700 positions."""
+    gen = torch.Generator().manual_seed(3)
+    lengths, block = [300, 517, 700], 16
+    cache = KVCache(2, 140, block, 3, 64, torch.float32, torch.device("cpu"))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    tables = torch.randperm(140, generator=gen)[:3 * 44].view(3, 44)
+    ctx = torch.tensor(lengths)
+    q = torch.randn(3, 9, 64, generator=gen)
+    outs = {}
+    for kernel in ("paged", "sdpa"):
+        meta = AttentionMetadata(3, tables, torch.arange(44 * block)[None] < ctx[:, None],
+                                 decode_groups([-(-n // block) for n in lengths], min_rows=1), [], ctx, kernel)
+        outs[kernel] = attention(cache, 1, q, meta, None, 256)
+    assert torch.allclose(outs["paged"], outs["sdpa"], atol=1e-5)
+
+
+def test_auto_picks_the_paged_kernel_on_cpu_and_falls_back_without_it(monkeypatch):
+    assert resolve_decode_kernel("auto", "cpu") == "paged"  # g++ and ninja are here
+    assert resolve_decode_kernel("auto", "cuda") == "sdpa"
+    assert resolve_decode_kernel("matmul", "cpu") == "matmul"
+    with pytest.raises(ValueError, match="CPU kernel"):
+        resolve_decode_kernel("paged", "cuda")
+    monkeypatch.setattr(cpu_kernels, "_built", {"op": None, "error": "no compiler"})
+    assert resolve_decode_kernel("auto", "cpu") == "sdpa"
+    with pytest.raises(RuntimeError, match="no compiler"):
+        resolve_decode_kernel("paged", "cpu")
 
 
 def test_write_then_gather_round_trips():
