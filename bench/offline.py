@@ -219,7 +219,7 @@ def main() -> None:
     prompts = load_prompts(args.dataset, args.num_prompts)
     tokenizer_llm = LLM(args.model, kv_cache_memory=1 << 20)
     prompt_ids = [tokenizer_llm.engine.encode([{"role": "user", "content": p}]) for p in prompts]
-    eos_ids = tokenizer_llm.engine.eos_ids
+    eos_ids = set(tokenizer_llm.engine.outputs.eos_ids)
     del tokenizer_llm
 
     started = time.time()
