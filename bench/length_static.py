@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--max-fcr-share", type=float, default=0.2)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: as the engine picks (float32 on CPUs without bf16 matmuls)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.token_budget = args.token_budget or args.batch_size * args.cap
