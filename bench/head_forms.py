@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from helios import LLM
-from helios.tuning.datasets import SHARED_DATA
+from helios.tuning.datasets import SHARED_DATA, sample_requests
 from helios.tuning.distill import DistillSet, build_distill_set
 from helios.tuning.ee_tune import TuneOptions, calibrate, fit_kl, head_agrees, oracle, simulate, train_classifier, train_head
-from helios.tuning.ee_tune_command import _prompts, _split
+from helios.tuning.ee_tune_command import _split
 from helios.exits import ExitHead
 from helios.model import DecoderModel, rms_norm
 
@@ -125,9 +125,10 @@ def main() -> None:
     llm = LLM(args.model, dtype="float32")
     model = llm.engine.model
     files = [str(SHARED_DATA / f) for f in ("gpteacher_roleplay.json", "gpteacher_toolformer.json", "gsm8k_train.json")]
-    train = build_distill_set(llm, _prompts(files, args.num_prompts, True), exits, args.max_tokens)
-    heldout = build_distill_set(llm, _prompts([str(SHARED_DATA / "self_instruct_seed_tasks.jsonl")],
-                                              args.heldout_prompts, True), exits, args.max_tokens)
+    train = build_distill_set(llm, sample_requests(files, args.num_prompts, llm.tokenizer), exits, args.max_tokens)
+    heldout_files = [str(SHARED_DATA / "self_instruct_seed_tasks.jsonl")]
+    heldout = build_distill_set(llm, sample_requests(heldout_files, args.heldout_prompts, llm.tokenizer), exits,
+                                args.max_tokens)
     results = {"command": "python " + " ".join(sys.argv), "train_tokens": len(train), "heldout_tokens": len(heldout), "forms": {}}
     for form in args.forms.split(","):
         results["forms"][form] = measure_form(model, form, exits, train, heldout, args)

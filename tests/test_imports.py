@@ -82,3 +82,19 @@ def test_building_the_cli_leaves_engine_config_untouched():
     before = [(f.name, f.type) for f in dataclasses.fields(EngineConfig)]
     build_parser()
     assert [(f.name, f.type) for f in dataclasses.fields(EngineConfig)] == before
+
+
+def test_every_benchmark_script_imports():
+    """A bench script that imports a helper the code no longer has fails here, not hours into a run
+    (bench/head_forms.py imported a tuning helper that a refactor had removed)."""
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    code = ("import importlib.util, sys\n"
+            f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]\n"
+            "for path in sys.argv[1:]:\n"
+            "    name = 'bench_' + path.rsplit('/', 1)[-1][:-3]\n"
+            "    spec = importlib.util.spec_from_file_location(name, path)\n"
+            "    sys.modules[name] = module = importlib.util.module_from_spec(spec)\n"
+            "    spec.loader.exec_module(module)\n")
+    result = subprocess.run([sys.executable, "-c", code, *map(str, scripts)], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
