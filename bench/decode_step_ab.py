@@ -96,7 +96,7 @@ def best_step(runner, chunks: list[Chunk], steps: int) -> tuple[float, float, to
 
 
 def make_variants(model, num_blocks: int, block_size: int, baseline: str, compile_step: bool,
-                  kernels: tuple[str, ...] = ("paged", "sdpa", "matmul")) -> dict:
+                  kernels: tuple[str, ...]) -> dict:
     variants = {"baseline": baseline_runner_class(baseline)(model, num_blocks, block_size, [], "none", "max_prob")}
     for kernel in kernels:
         runner = ModelRunner(model, num_blocks, block_size, [], "none", "max_prob")

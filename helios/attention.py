@@ -114,9 +114,9 @@ def _decode_attention(cache: KVCache, layer: int, q: torch.Tensor, meta: Attenti
     """[R, H*D] for the decode rows `rows` (ascending; None = all), one length group at a time;
     None if there are no such rows."""
     if meta.decode_kernel == "paged":  # every row over its own context: no groups, no masks
-        picked = slice(0, meta.num_decode) if rows is None else rows
         if not meta.num_decode or (rows is not None and not len(rows)):
             return None
+        picked = slice(0, meta.num_decode) if rows is None else rows
         return _paged_decode(cache, layer, q[picked], meta.decode_blocks[picked], meta.decode_ctx_lens[picked],
                              window)
     span, outs, mask = cache.block_size, [], meta.decode_mask_for(window)

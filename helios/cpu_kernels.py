@@ -37,7 +37,9 @@ _built: dict[str, object] = {}  # "op": the op, or None after a failed build; "e
 
 def paged_decode_op():
     """`torch.ops.helios.paged_decode`, building the extension the first time; None if it cannot be built
-    (`build_error()` says why)."""
+    (`build_error()` says why). Called per layer per step: after the first call it takes no lock."""
+    if "op" in _built:
+        return _built["op"]
     with _lock:
         if "op" not in _built:
             _built["op"] = _build()

@@ -30,7 +30,7 @@ void decode_rows(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
   const int64_t group = heads / kv_heads;
   const int64_t dim = DIM > 0 ? DIM : runtime_dim;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), scores;
+    std::vector<float> qf(group * dim), acc(group * dim), total(group), scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / kv_heads, g = item % kv_heads;
       const int64_t len = lens[r];
@@ -39,7 +39,7 @@ void decode_rows(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       const int64_t* table = tables + r * max_blocks;
       const T* q_row = q + (r * heads + g * group) * dim;
       for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(q_row[i]) * scale;
-      scores.assign(group * n, 0.f);
+      scores.resize(group * n);  // every entry is written below
       const T* k_head = k_cache + g * head_stride;
       for (int64_t t = first; t < len; ++t) {
         const T* key = k_head + (table[t / block_size] * block_size + t % block_size) * dim;
@@ -50,7 +50,7 @@ void decode_rows(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
           scores[h * n + (t - first)] = s;
         }
       }
-      std::vector<float> total(group, 0.f);
+      std::fill(total.begin(), total.end(), 0.f);
       for (int64_t h = 0; h < group; ++h) {
         float* sh = scores.data() + h * n;
         const float peak = n ? *std::max_element(sh, sh + n) : 0.f;
