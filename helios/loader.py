@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from helios.catalog import CATALOG, DEFAULT_MODEL, lookup
+from helios.gguf_dequant import dequantize
+from helios.gguf_header import GGUFHeader, read_header
 from helios.model import DecoderModel, ModelArch, rope_inv_freq
 from helios.model_cache import ModelLoadError, model_file
 
@@ -110,29 +111,26 @@ class _SafetensorsFolder:
 class _GGUFFile:
     """Tensors of a GGUF file, dequantized one at a time and renamed to Hugging Face names."""
 
-    def __init__(self, reader: Any, arch: ModelArch):
-        self.reader = reader
-        gguf_arch = self.reader.fields["general.architecture"].contents()
-        layer_names = _GGUF_LAYER_GEMMA3 if gguf_arch == "gemma3" else _GGUF_LAYER
+    def __init__(self, path: Path, header: GGUFHeader, arch: ModelArch):
+        layer_names = _GGUF_LAYER_GEMMA3 if header.architecture == "gemma3" else _GGUF_LAYER
+        self.file = header.open_file(path)
         self.tensors = {}
-        for tensor in self.reader.tensors:
-            hf_name = _GGUF_GLOBAL.get(tensor.name)
-            if hf_name is None and tensor.name.startswith("blk."):
-                _, layer, rest = tensor.name.split(".", 2)
+        for name, tensor in header.tensors.items():
+            hf_name = _GGUF_GLOBAL.get(name)
+            if hf_name is None and name.startswith("blk."):
+                _, layer, rest = name.split(".", 2)
                 hf_name = f"model.layers.{layer}.{layer_names.get(rest, rest)}"
-            self.tensors[hf_name or tensor.name] = tensor
-        self.permuted = gguf_arch == "llama"
+            self.tensors[hf_name or name] = tensor
+        self.permuted = header.architecture == "llama"
         # llama.cpp stores Gemma's norms as 1 + weight (what they multiply by); transformers keeps weight
-        self.norm_shift = 1.0 if gguf_arch == "gemma3" else 0.0
+        self.norm_shift = 1.0 if header.architecture == "gemma3" else 0.0
         self.arch = arch
 
     def get(self, name: str) -> torch.Tensor | None:
-        from gguf.quants import dequantize
-
         tensor = self.tensors.get(name)
         if tensor is None:
             return None
-        data = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        data = dequantize(tensor.array(self.file), tensor.quant_type)
         if self.permuted and name.endswith("q_proj.weight"):
             data = _unpermute(data, self.arch.num_heads)
         elif self.permuted and name.endswith("k_proj.weight"):
@@ -142,78 +140,41 @@ class _GGUFFile:
         return data
 
 
-def _open_weights(path: Path, arch: ModelArch, gguf_reader: Any = None) -> Callable[[str], torch.Tensor | None]:
+def _open_weights(path: Path, arch: ModelArch, header: GGUFHeader | None) -> Callable[[str], torch.Tensor | None]:
     """Hugging Face tensor name -> its float tensor (None when absent), read on demand."""
-    if not path.is_file():
-        return _SafetensorsFolder(path).get
-    return _GGUFFile(gguf_reader if gguf_reader is not None else _gguf_reader(path), arch).get
+    return _GGUFFile(path, header, arch).get if header is not None else _SafetensorsFolder(path).get
 
 
-def _gguf_reader(path: Path) -> Any:
-    from gguf import GGUFReader
+def _read_config_and_tokenizer(path: Path, load_tokenizer: bool) -> tuple[Any, Any, GGUFHeader | None]:
+    """(config, tokenizer or None, the GGUF header for a GGUF file else None)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    return GGUFReader(path)
-
-
-@contextmanager
-def _one_gguf_parse(path: Path) -> Iterator[dict]:
-    """Parse a GGUF file's header once for transformers' config reader and for the weights.
-
-    transformers builds a llama/qwen2/gemma3 config from a GGUF with gguf's `GGUFReader`, which
-    reads every metadata field (Qwen2's 152k-token vocabulary: about 10 s of CPU); the weights
-    need a reader too. While this is open, a `GGUFReader` of `path` made anywhere in the process
-    is made once and shared; yields {"reader": it} once made (other files are read as usual).
-    """
-    import gguf
-
-    original, shared, key = gguf.GGUFReader, {}, path.resolve()
-
-    def reader(file, *args, **kwargs):
-        if Path(file).resolve() != key or args or kwargs:
-            return original(file, *args, **kwargs)
-        if "reader" not in shared:
-            shared["reader"] = original(file)
-        return shared["reader"]
-
-    gguf.GGUFReader = reader
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: unsupported file type; give a .gguf file or a Hugging Face folder")
+        header = read_header(path, load_tokenizer)
+        return header.config, header.tokenizer if load_tokenizer else None, header
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")
     try:
-        yield shared
-    finally:
-        gguf.GGUFReader = original
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise ModelLoadError(f"cannot read the model config of {path}: {exc}") from exc
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # a weights-only folder is still usable with token ids
+            tokenizer = None
+    return config, tokenizer, None
 
 
 def hf_weights(reference: str) -> tuple[object, Callable[[str], torch.Tensor | None]]:
     """A model's Hugging Face config and its tensors by Hugging Face name, as load_model reads
     them (GGUF dequantized, q/k rows unpermuted): lets another stack run the same weights."""
     path = resolve_model_path(reference)
-    with _one_gguf_parse(path) as parsed:
-        config, _ = _read_config_and_tokenizer(path, load_tokenizer=False)
-        return config, _open_weights(path, ModelArch.from_hf_config(config), parsed.get("reader"))
-
-
-def _read_config_and_tokenizer(path: Path, load_tokenizer: bool):
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
-
-    folder, kwargs = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model folder: config.json is missing")
-    if path.is_file() and path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: unsupported file type; give a .gguf file or a Hugging Face folder")
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
-    except Exception as exc:  # transformers raises many types for a bad file
-        raise ModelLoadError(f"cannot read the model config of {path}: {exc}") from exc
-    tokenizer = None
-    if load_tokenizer:
-        # AutoTokenizer parses a GGUF's whole metadata again only to pick the tokenizer class (about
-        # 10 s of CPU for Qwen2's 152k-word vocabulary); the config already names the class.
-        tokenizer_class = TOKENIZER_MAPPING.get(type(config), None) if path.is_file() else None
-        try:
-            tokenizer = (tokenizer_class or AutoTokenizer).from_pretrained(folder, local_files_only=True, **kwargs)
-        except Exception:  # a weights-only folder is still usable with token ids
-            tokenizer = None
-    return config, tokenizer
+    config, _, header = _read_config_and_tokenizer(path, load_tokenizer=False)
+    return config, _open_weights(path, ModelArch.from_hf_config(config), header)
 
 
 def _state_dict(get: Callable[[str], torch.Tensor | None], arch: ModelArch, num_layers: int) -> dict:
@@ -287,8 +248,7 @@ def load_model(
     `dtype` is a torch dtype, its name, or "auto" (see `auto_dtype`).
     """
     path = resolve_model_path(reference)
-    with _one_gguf_parse(path) as parsed:
-        config, tokenizer = _read_config_and_tokenizer(path, load_tokenizer)
+    config, tokenizer, header = _read_config_and_tokenizer(path, load_tokenizer)
     if dtype == "auto":
         dtype = auto_dtype(config, quantized=path.is_file(), device=device)
     elif isinstance(dtype, str):
@@ -298,7 +258,7 @@ def load_model(
     if not 1 <= num_layers <= arch.num_layers:
         raise ModelLoadError(f"max_layers={max_layers} is out of range: the model has {arch.num_layers} layers")
     try:
-        state = _state_dict(_open_weights(path, arch, parsed.get("reader")), arch, num_layers)
+        state = _state_dict(_open_weights(path, arch, header), arch, num_layers)
     except ModelLoadError:
         raise
     except Exception as exc:

