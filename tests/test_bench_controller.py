@@ -83,3 +83,31 @@ def test_a_lost_or_failed_request_is_counted():
     report = summarize(LoopResult([done, aborted], wall_s=1.0, decisions=[], swaps=[]), requests)
     assert (report["finished"], report["failed"], report["failed_requests"]) == (1, 2, [1, 2])
     assert report["tokens_per_s"] == 2.0 and report["mean_response_s"] == 0.5
+
+
+BENCH_CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCH_CONFIGS.glob("*.yaml")))
+def test_bench_slos_load_and_their_repositories_cover_them(name):
+    """Each committed bench SLO parses, and its committed repository profiles every depth it allows."""
+    from controller.repository import load_repository
+    from controller.slo import load_slo
+
+    slo = load_slo(BENCH_CONFIGS / name)
+    profiled = load_repository(slo.repository).candidates
+    for candidate in slo.candidates:
+        assert sorted(profiled[candidate.id].depths) == sorted(candidate.depths), candidate.id
+
+
+def test_the_memory_bound_slo_binds_as_its_comment_says():
+    """controller-membound-slo.yaml: the budget holds 3 summary-sized sequences at 30 layers and
+    7x as many at the 15-layer prefix (bench/results/README.md quotes these)."""
+    from controller.memory import sequences_held
+    from controller.repository import load_repository
+    from controller.slo import load_slo
+
+    slo = load_slo(BENCH_CONFIGS / "controller-membound-slo.yaml")
+    profile = load_repository(slo.repository).candidates["smollm2-synthetic"]
+    held = {depth: sequences_held(profile, depth, slo.memory_budget, slo.tokens_per_sequence) for depth in (15, 30)}
+    assert held == {15: 21, 30: 3}
