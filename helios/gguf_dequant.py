@@ -24,15 +24,14 @@ Q4_1_BYTES = 2 + 2 + 16  # float16 scale, float16 minimum, 32 nibbles
 
 def dequantize(raw: np.ndarray, quant_type: Any) -> torch.Tensor:
     """The float32 values of a GGUF tensor's raw array (as gguf's reader presents it)."""
-    torch_kernel = _TORCH_KERNELS.get(quant_type.name)
-    if torch_kernel is None:
+    if quant_type.name not in _TORCH_KERNELS:
         from gguf.quants import dequantize as gguf_dequantize
 
         return torch.from_numpy(np.array(gguf_dequantize(raw, quant_type), dtype=np.float32, copy=True))
-    rows = raw.shape[:-1]
+    kernel, block_bytes = _TORCH_KERNELS[quant_type.name]
     # a copy of the packed bytes (a quarter of the values' size): the file's pages are mapped read-only
-    blocks = torch.from_numpy(np.array(raw, copy=True)).reshape(-1, torch_kernel[1])
-    return torch_kernel[0](blocks).reshape(*rows, -1)
+    blocks = torch.from_numpy(np.array(raw, copy=True)).reshape(-1, block_bytes)
+    return kernel(blocks).reshape(*raw.shape[:-1], -1)
 
 
 def _scales(blocks: torch.Tensor) -> torch.Tensor:

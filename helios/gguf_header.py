@@ -65,9 +65,6 @@ class GGUFHeader:
     architecture: str  # general.architecture: llama, qwen2, gemma3...
     tensors: dict[str, GGUFTensor]  # by GGUF tensor name
 
-    def open_file(self, path: Path) -> np.memmap:
-        return np.memmap(path, dtype=np.uint8, mode="r")
-
 
 def read_header(path: Path, load_tokenizer: bool = True) -> GGUFHeader:
     """The header of the GGUF at `path`: from the cache when it holds this file, else parsed (and
@@ -131,10 +128,11 @@ def _write_entry(entry: Path, header: GGUFHeader) -> None:
 
 def _parse(path: Path) -> GGUFHeader:
     """Walk the file once with gguf's reader, shared by transformers' config and tokenizer readers."""
+    import gguf
     from transformers import AutoConfig
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
-    with _one_reader(path) as shared:
+    with _one_reader(path):
         try:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         except Exception as exc:  # transformers raises many types for a bad file
@@ -148,22 +146,16 @@ def _parse(path: Path) -> GGUFHeader:
                 path.parent, gguf_file=path.name, local_files_only=True)
         except Exception:  # a file without a vocabulary is still usable with token ids
             tokenizer = None
-        reader = shared.get("reader") or shared.setdefault("reader", _make_reader(path))
+        reader = gguf.GGUFReader(path)  # the one transformers made, or the first
     tensors = {t.name: GGUFTensor(int(t.tensor_type), t.data.dtype.str, tuple(t.data.shape), int(t.data_offset))
                for t in reader.tensors}
     return GGUFHeader(config, tokenizer, str(reader.fields["general.architecture"].contents()), tensors)
 
 
-def _make_reader(path: Path) -> Any:
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
-
-
 @contextmanager
-def _one_reader(path: Path) -> Iterator[dict]:
+def _one_reader(path: Path) -> Iterator[None]:
     """While open, every gguf.GGUFReader of `path` made in this process (transformers makes one
-    for the config and one for the tokenizer) is the same one, made once; yields {"reader": it}."""
+    for the config and one for the tokenizer, and the tensor table needs one) is the same one, made once."""
     import gguf
 
     original, shared, key = gguf.GGUFReader, {}, path.resolve()
@@ -177,6 +169,6 @@ def _one_reader(path: Path) -> Iterator[dict]:
 
     gguf.GGUFReader = reader
     try:
-        yield shared
+        yield
     finally:
         gguf.GGUFReader = original

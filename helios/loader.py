@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from helios.catalog import CATALOG, DEFAULT_MODEL, lookup
@@ -113,7 +114,7 @@ class _GGUFFile:
 
     def __init__(self, path: Path, header: GGUFHeader, arch: ModelArch):
         layer_names = _GGUF_LAYER_GEMMA3 if header.architecture == "gemma3" else _GGUF_LAYER
-        self.file = header.open_file(path)
+        self.file = np.memmap(path, dtype=np.uint8, mode="r")  # tensors are read where they lie
         self.tensors = {}
         for name, tensor in header.tensors.items():
             hf_name = _GGUF_GLOBAL.get(name)
