@@ -6,7 +6,10 @@ A workload of three phases (chat, then GSM8K, then summarisation, from ../shared
 a closed loop of --concurrency clients, greedy, at most --max-tokens tokens each. Per round,
 in alternating order: the controller with a throughput objective, with a latency objective,
 and each candidate statically at its full depth. A decision loads the new candidate or depth
-in the background while the old engine serves, then drains the old engine (bench/controller_loop.py).
+in the background while the old engine serves, then hands the requests still waiting on the old
+engine to the new one and drains the rest there (bench/controller_loop.py). `--drain-ablation`
+adds, per objective, the controller without that hand-off (`adaptive-OBJECTIVE-drain`: every
+request admitted by the old engine finishes there), to measure what the hand-off gives.
 Per run: output tokens/s, mean/p95 response time and TTFT, the quality proxy (word agreement
 with the reference candidate's replies to the same requests, as `helios profile` measures
 reference_agreement), GSM8K accuracy on the GSM8K phase, decisions with reasons, swaps, failed
@@ -115,9 +118,14 @@ def full_depth(slo: SLOConfig, repository: Repository, candidate: str) -> int:
     return max(allowed_depths(slo, repository, candidate))
 
 
-def systems(slo: SLOConfig, repository: Repository, objectives: list[str]) -> list[tuple[str, str, str | None]]:
+DRAIN = "-drain"  # an adaptive run whose replaced engine hands nothing on
+
+
+def systems(slo: SLOConfig, repository: Repository, objectives: list[str],
+            drain_ablation: bool = False) -> list[tuple[str, str, str | None]]:
     """(run name, objective or 'static', candidate for static runs)."""
-    runs = [(f"adaptive-{o}", o, None) for o in objectives]
+    runs = [(f"adaptive-{o}{suffix}", o, None) for o in objectives
+            for suffix in ([""] + [DRAIN] * drain_ablation)]
     return runs + [(f"static-{c.id}@{full_depth(slo, repository, c.id)}", "static", c.id)
                    for c in slo.candidates if c.id in repository.candidates]
 
@@ -133,7 +141,8 @@ def run_one(name: str, objective: str, candidate: str | None, engines: Engines, 
         depth = full_depth(slo, repository, candidate)
     replica = Replica(engines.cached(candidate, depth), f"{candidate}@{depth}")
     loop = ServeLoop(workload, args.concurrency, args.max_tokens, engines.fresh, adaptive, phase_profiles,
-                     progress=print, progress_every=args.progress_every, run_id=run_id)
+                     progress=print, progress_every=args.progress_every, run_id=run_id,
+                     handoff=not name.endswith(DRAIN))
     print(f"run {run_id}: {name}, starting on {replica.name}", flush=True)
     result = loop.run(replica)
     row = {"system": name, "objective": objective, **summarize(result, workload)}
@@ -181,11 +190,18 @@ def ratios(slo: SLOConfig, rounds: list[list[dict]], objectives: list[str]) -> d
             else:
                 best = max(statics, key=lambda r: r["tokens_per_s"])
                 ratio = adaptive["tokens_per_s"] / best["tokens_per_s"]
-            per_round.append({"ratio": ratio, "best_static": best["system"],
-                              "adaptive_meets_quality": meets_quality(slo, adaptive)})
+            row = {"ratio": ratio, "best_static": best["system"], "adaptive_meets_quality": meets_quality(slo, adaptive)}
+            drained = next((r for r in runs if r["system"] == f"adaptive-{objective}{DRAIN}"), None)
+            if drained is not None:  # the same ratio without the hand-off
+                row["ratio_drain"] = (best["mean_response_s"] / drained["mean_response_s"] if objective == "latency"
+                                      else drained["tokens_per_s"] / best["tokens_per_s"])
+            per_round.append(row)
         values = [p["ratio"] for p in per_round]
         out[objective] = {"median": statistics.median(values) if values else None, "rounds": per_round,
                           "goal": 1.48 if objective == "throughput" else 1.39 if objective == "latency" else None}
+        drained = [p["ratio_drain"] for p in per_round if "ratio_drain" in p]
+        if drained:
+            out[objective]["median_drain"] = statistics.median(drained)
     return out
 
 
@@ -215,7 +231,7 @@ def bench_mode(mode: str, slo_path: str, args, phase_profiles, save=lambda repor
     engines = Engines(slo, repository)
     per_phase = args.ceiling_per_phase if mode == "ceiling" and args.ceiling_per_phase else args.per_phase
     workload = load_workload(args.chat_dataset, args.gsm8k_dataset, args.summary_dataset, per_phase, args.offset)
-    plan = systems(slo, repository, args.objectives)
+    plan = systems(slo, repository, args.objectives, args.drain_ablation)
     reference = args.reference.get(mode) or repository.reference or slo.candidates[0].id
     rounds, report = [], {}
     for round_index in range(args.rounds):
@@ -250,7 +266,8 @@ def print_mode(mode: str, report: dict) -> None:
                   f"{_f(r['gsm8k_accuracy'], 3)} | {r['failed']} | {len(r['swaps'])}")
     for objective, ratio in report["ratios"].items():
         print(f"{objective}: adaptive / best static = {ratio['median']} "
-              f"({[round(p['ratio'], 3) for p in ratio['rounds']]}; goal {ratio['goal']})")
+              f"({[round(p['ratio'], 3) for p in ratio['rounds']]}; goal {ratio['goal']})"
+              + (f"; without the hand-off {ratio['median_drain']:.3f}" if "median_drain" in ratio else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -274,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="quality reference per mode (MODE=CANDIDATE,...; default: the repository's)")
     parser.add_argument("--once", default="", help="candidates whose static run is in the first round only "
                                                   "(comma-separated; for slow ones on a busy machine)")
+    parser.add_argument("--drain-ablation", action="store_true",
+                        help="also run each objective's controller without handing waiting requests on")
     parser.add_argument("--progress-every", type=int, default=8)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

@@ -5,8 +5,10 @@ that the HELIOS controller may change while requests run (in one process, no Ray
   `concurrency` clients, each sending the next request of the list when its previous one ends.
 - Serving: one engine serves new requests. A decision loads the new (candidate, depth) in a
   background thread while the old engine keeps serving (as the switcher's surge does on Ray
-  Serve); once loaded, new requests go to it and the old engine drains: its in-flight requests
-  finish there, none is moved or dropped. The load's time and CPU fall inside the run's wall time.
+  Serve); once loaded, new requests go to it and the old engine drains: its started requests
+  finish there, and (`handoff`, as a replaced replica does) those still waiting with nothing
+  produced move to the new engine, keeping their arrival time; none is dropped. The load's time
+  and CPU fall inside the run's wall time.
 - Controller: the pure functions of controller/ (start, ReassessLoop),
   fed the serving engine's StepStats exactly as controller.actor.Controller.observe does.
 - Synthetic exits (the ceiling): an engine built with an exit_profile draws each token's exit
@@ -164,8 +166,10 @@ class ServeLoop:
     def __init__(self, workload: list[Request], concurrency: int, max_tokens: int,
                  load: Callable[[str, int], LLMEngine], adaptive: Adaptive | None = None,
                  phase_profiles: dict[str, dict[int, float]] | None = None,
-                 progress: Callable[[str], None] = print, progress_every: int = 8, run_id: str = "run"):
+                 progress: Callable[[str], None] = print, progress_every: int = 8, run_id: str = "run",
+                 handoff: bool = True):
         self.workload, self.concurrency, self.load, self.adaptive = workload, concurrency, load, adaptive
+        self.handoff = handoff
         self.params = SamplingParams(max_tokens=max_tokens, temperature=0)
         self.phase_profiles = phase_profiles or {}
         self.progress, self.progress_every, self.run_id = progress, progress_every, run_id
@@ -203,9 +207,12 @@ class ServeLoop:
             self.phase = request.phase
             self.current.set_profile(self.phase_profiles.get(request.phase))
         record = Record(request, self.current.name, time.perf_counter())
-        request_id = f"{self.run_id}-{request.index}"
+        self._add(record, f"{self.run_id}-{request.index}")
+
+    def _add(self, record: Record, request_id: str) -> None:
+        record.served_by = self.current.name
         try:
-            self.current.engine.add_request(self.current.as_prompt(request.prompt), self.params, request_id)
+            self.current.engine.add_request(self.current.as_prompt(record.request.prompt), self.params, request_id)
         except ValueError as exc:  # refused: counted as failed, never silently dropped
             record.error = str(exc)
             self.records.append(record)
@@ -238,18 +245,21 @@ class ServeLoop:
                 "at_s": round(time.perf_counter() - self.started, 2), "at_request": self.done,
                 "inflight_on_old": len(self.current.inflight), "used": load.error is None, "error": load.error}
         self.swaps.append(swap)
-        self.progress(f"  [{self.run_id}] swap to {swap['to']} after {swap['load_s']} s of loading; "
-                      f"{swap['inflight_on_old']} requests finish on {swap['from']}")
         if load.error is not None:
             return
-        new = Replica(load.engine, swap["to"])
-        new.set_profile(self.phase_profiles.get(self.phase))
-        if self.current.inflight:
-            self.current.swap_row = swap
-            self.draining.append(self.current)
+        old, self.current = self.current, Replica(load.engine, swap["to"])
+        self.current.set_profile(self.phase_profiles.get(self.phase))
+        handed = old.engine.release_unstarted() if self.handoff else []
+        for request_id in handed:  # nothing of theirs was produced: the new engine serves them whole
+            self._add(old.inflight.pop(request_id), request_id)
+        swap["handed_off"] = len(handed)
+        self.progress(f"  [{self.run_id}] swap to {swap['to']} after {swap['load_s']} s of loading; "
+                      f"{len(handed)} waiting requests handed to it, {len(old.inflight)} finish on {swap['from']}")
+        if old.inflight:
+            old.swap_row = swap
+            self.draining.append(old)
         else:
             swap["drained_at_s"] = swap["at_s"]
-        self.current = new
 
     def _finish(self, records: list[Record]) -> None:
         for record in records:

@@ -20,6 +20,7 @@ import ray
 
 from controller import history
 from controller.applier import Applier
+from controller.handover import Handover
 from controller.metrics import ControllerMetrics
 from controller.reassess import ControllerState, Decision, ReassessLoop, start
 from controller.repository import Repository
@@ -40,6 +41,7 @@ class Controller:
         self.slo, self.repository, self.apply = slo, repository, apply
         self.lock = threading.Lock()
         self.ignored_steps = 0  # from replicas of an earlier choice (still draining)
+        self.handover = Handover()
         self.metrics = ControllerMetrics(slo.model) if ray.is_initialized() else None
         records = history.read(slo.history)
         resumed = history.resume_state(records)
@@ -68,6 +70,8 @@ class Controller:
 
     def _applier(self, applied: tuple[str, int] | None) -> Applier:
         def deploy(candidate: str, depth: int) -> None:
+            with self.lock:
+                self.handover.deploying(switcher_tag(candidate, depth))
             if self.apply is not None:
                 self.apply(self.slo, self.repository, candidate, depth)
 
@@ -113,6 +117,14 @@ class Controller:
                 return None
             self._record(decision)
             return decision.to_dict()
+
+    def superseded(self, tag: str) -> bool:
+        """Asked every second by each replica of a linked model: whether its choice has been replaced
+        by the one being (or else last) deployed, and a replica of that one is up (it has asked too;
+        controller/handover.py). Then the replica hands its unstarted requests on."""
+        state = self.applier.state()
+        with self.lock:
+            return self.handover.superseded(tag, state["applying"] or state["applied"])
 
     def deploy(self) -> None:
         """Deploy the current choice even if the history says it runs (a fresh `helios serve` over an

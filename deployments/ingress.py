@@ -95,17 +95,33 @@ async def _first(stream: DeploymentResponseGenerator) -> dict:
         return {"error": "the model returned nothing"}
 
 
+# A replica that the HELIOS controller has replaced hands back requests it has not started (see
+# LLMServer.generate); they are sent again after a pause that doubles, while Serve's routers learn
+# that the old replica stops. The last attempt may not be handed off: whoever gets it serves it.
+HANDOFF_ATTEMPTS = 6
+HANDOFF_PAUSE_S = 0.1
+
+
+async def _open(handle: DeploymentHandle, prompt, params) -> tuple:
+    """One job's stream and its first delta (or the exception it raised)."""
+    stream, attempt = None, 0
+    try:
+        while True:  # ends: the last attempt is never handed off
+            may_hand_off = attempt < HANDOFF_ATTEMPTS - 1
+            stream = handle.options(stream=True).generate.remote(prompt, params, may_hand_off)
+            first = await _first(stream)
+            if not first.get("handed_off"):
+                return stream, first
+            await asyncio.sleep(HANDOFF_PAUSE_S * 2 ** attempt)
+            attempt += 1
+    except Exception as exc:  # BackPressureError comes at submission rather than on the first item
+        return stream, exc
+
+
 async def _submit(handle: DeploymentHandle, jobs: list) -> tuple[list, list]:
     """Streams of `jobs` and their first deltas (or the exceptions they raised)."""
-    streams = []
-    try:
-        for prompt, params in jobs:
-            streams.append(handle.options(stream=True).generate.remote(prompt, params))
-        results = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
-    except BackPressureError as exc:  # raised at submission rather than on the first item
-        results = [exc] * len(jobs)
-        streams += [None] * (len(jobs) - len(streams))
-    return streams, list(results)
+    opened = await asyncio.gather(*(_open(handle, prompt, params) for prompt, params in jobs))
+    return [stream for stream, _ in opened], [first for _, first in opened]
 
 
 # the engine's refusal of a max_tokens larger than the context leaves (LLMEngine.make_sequence)

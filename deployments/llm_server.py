@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import AsyncIterator
 
@@ -10,7 +11,7 @@ from ray import serve
 
 from deployments.autoscaling import TTFT_METRIC, TTFTWindow
 from deployments.config import ModelConfig
-from helios.async_engine import AsyncLLMEngine
+from helios.async_engine import AsyncLLMEngine, RequestHandedOff
 from helios.engine import LLMEngine
 from helios.inputs import Prompt
 from helios.outputs import RequestOutput
@@ -18,6 +19,8 @@ from helios.sampling_params import SamplingParams
 from helios.stats import StepStats
 from deployments.metrics import ServingMetrics
 from deployments.stats_forwarder import StatsForwarder
+
+logger = logging.getLogger("helios.serve")
 
 
 def tokens_per_chunk(stream_interval: int, running: int, chunks_per_step: int) -> int:
@@ -41,22 +44,27 @@ class LLMServer:
         engine = LLMEngine(model.engine_config())
         self.metrics = ServingMetrics(model.id, model.source, engine.num_loaded_layers, engine.arch.num_layers,
                                       model.engine.exit_policy)
-        # under a HELIOS controller the steps also go to it, in batches sent by a thread of their own
-        self.forwarder = StatsForwarder(model.controller) if model.controller is not None else None
         self.engine = AsyncLLMEngine(engine, on_step=self._on_step)
+        # under a HELIOS controller the steps also go to it, in batches sent by a thread of their own;
+        # once the controller's choice has moved on, this replica hands back what it has not started
+        self.forwarder = None if model.controller is None else StatsForwarder(
+            model.controller, on_superseded=self._superseded)
         self.created = int(time.time())
         # the autoscaling policy's latency signal, over the window Serve averages it over
         window_s = model.autoscaling.look_back_period_s if model.autoscaling is not None else 30.0
         self.ttft_window = TTFTWindow(window_s)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[dict]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, may_hand_off: bool = False) -> AsyncIterator[dict]:
         """Stream one request as deltas (see `_delta`); the first item is {"error": ...} for bad input.
 
-        Serve cancels this generator when the caller goes away; the engine then aborts the
-        request and frees its KV blocks.
+        With `may_hand_off`, a replica the controller has replaced answers {"handed_off": true} and
+        nothing else, at once or while the request still waits with nothing produced: the caller
+        sends it again, and Serve routes it to the replacement. Serve cancels this generator when the
+        caller goes away; the engine then aborts the request and frees its KV blocks.
         """
         start, first_token_at = time.monotonic(), None
-        stream = self.engine.generate(prompt, params, tokens_per_output=self._tokens_per_chunk)
+        stream = self.engine.generate(prompt, params, tokens_per_output=self._tokens_per_chunk,
+                                      may_hand_off=may_hand_off)
         ttft_key = self.ttft_window.started()
         try:
             async for out in stream:
@@ -69,9 +77,21 @@ class LLMServer:
                                                  out.num_output_tokens, out.finish_reason or "stop")
         except (ValueError, TypeError) as exc:  # raised by validation, before anything was queued
             yield {"error": str(exc)}
+        except RequestHandedOff:
+            self.metrics.handed_off.inc(1)
+            yield {"handed_off": True}
         finally:
             self.ttft_window.ended(ttft_key)
             await stream.aclose()
+
+    def _superseded(self, superseded: bool) -> None:  # in the forwarder's thread
+        if superseded:
+            logger.info("%s (%s): another choice is up; handing unstarted requests to it", self.model.id,
+                        self.model.controller.tag)
+        else:
+            logger.warning("%s (%s): the choice that replaced this one is gone; serving again", self.model.id,
+                           self.model.controller.tag)
+        self.engine.retire(superseded)
 
     def _on_step(self, stats: StepStats) -> None:  # in the engine thread: records and appends only
         self.metrics.observe_step(stats)

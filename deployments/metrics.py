@@ -52,6 +52,7 @@ class ServingMetrics:
         self.preemptions = make("helios_num_preemptions_total")
         self.exit_tokens = make("helios_tokens_per_exit_layer_total")
         self.breaches = make("helios_confidence_breaches_total")
+        self.handed_off = make("helios_requests_handed_off_total")
         self.generation_length = make("helios_request_generation_tokens")
         self.predicted_length = make("helios_request_predicted_generation_tokens")
         self.length_error = make("helios_length_prediction_error_tokens")

@@ -8,6 +8,12 @@ buffer (the oldest steps are dropped past `max_buffered`), and while it restarts
 `max_in_flight` calls wait in Ray for it (Ray holds calls to a restarting actor until it is
 back). Idle steps (no tokens, nothing finished) are not sent: they carry nothing the controller
 counts.
+
+The same thread asks the controller, every `check_every_s` from start-up on, whether this
+replica's choice (its tag) has been superseded by one whose replicas are up (a question is also
+how the controller sees that this replica is up: controller/handover.py). Each change of the
+answer calls `on_superseded(answer)`: yes, the replica hands its unstarted requests to the new
+choice; no again (that deploy failed), it takes requests as before.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import ray
 
@@ -27,8 +34,12 @@ logger = logging.getLogger("helios.serve")
 
 class StatsForwarder:
     def __init__(self, link: ControllerLink, interval_s: float = 0.5, batch_steps: int = 64,
-                 max_buffered: int = 4096, max_in_flight: int = 4, lookup_every_s: float = 2.0):
+                 max_buffered: int = 4096, max_in_flight: int = 4, lookup_every_s: float = 2.0,
+                 on_superseded: Callable[[bool], None] | None = None, check_every_s: float = 1.0):
         self.link, self.interval_s, self.batch_steps = link, interval_s, batch_steps
+        self.on_superseded, self.check_every_s = on_superseded, check_every_s
+        self._check, self._checked = None, float("-inf")  # the pending `superseded` call, when it was made
+        self.superseded = False
         self.max_buffered, self.max_in_flight, self.lookup_every_s = max_buffered, max_in_flight, lookup_every_s
         self.queue: deque[StepStats] = deque()  # engine thread appends, sender thread pops (both atomic)
         self.pending: list[StepStats] = []  # taken from the queue, not sent yet (sender thread only)
@@ -56,8 +67,9 @@ class StatsForwarder:
             self._wake.clear()
             try:
                 self.flush()
+                self.check()
             except Exception:  # never let a Ray hiccup end the thread: the next round tries again
-                logger.exception("sending engine steps to the controller failed")
+                logger.exception("talking to the controller failed")
 
     def flush(self) -> None:
         """Send what waits, if the actor is there and not too many calls are pending."""
@@ -74,6 +86,28 @@ class StatsForwarder:
         self.in_flight.append(actor.observe.remote(self.pending, self.link.tag))
         self.sent += len(self.pending)
         self.pending = []
+
+    def check(self) -> None:
+        """Ask whether this replica's choice is superseded (one call at a time, never waited for)."""
+        if self.on_superseded is None or not self.link.tag:
+            return
+        if self._check is not None:
+            done, _ = ray.wait([self._check], timeout=0)
+            if not done:
+                return
+            ref, self._check = self._check, None
+            try:
+                answer = bool(ray.get(ref, timeout=0))
+            except Exception as exc:  # the controller died (Ray restarts it): look it up and ask again later
+                logger.warning("could not ask the controller whether this replica is superseded: %r", exc)
+                self._actor, answer = None, self.superseded
+            if answer != self.superseded:
+                self.superseded = answer
+                self.on_superseded(answer)
+        actor = self._lookup()
+        if actor is not None and time.monotonic() - self._checked >= self.check_every_s:
+            self._checked = time.monotonic()
+            self._check = actor.superseded.remote(self.link.tag)
 
     def _busy(self) -> bool:
         """Whether `max_in_flight` calls still wait (e.g. for a restarting actor); collects the others."""

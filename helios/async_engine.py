@@ -30,6 +30,13 @@ class RequestFailed(RuntimeError):
     the engine and the other requests go on."""
 
 
+class RequestHandedOff(RuntimeError):
+    """The engine was retired before this request produced anything: send it elsewhere."""
+
+
+_HANDED_OFF = object()  # put in a request's queue when `retire` releases it
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None):
         self.engine = engine
@@ -37,13 +44,16 @@ class AsyncLLMEngine:
         # the engine runs out of work (metrics, the controller)
         self.on_step = on_step
         self._queues: dict[str, asyncio.Queue] = {}
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("abort", id) | ("stop",)
+        # ("add", Sequence) | ("abort", id) | ("release", ids to keep) | ("stop",)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._work = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="helios-inputs")  # one: tokenizers are not re-entrant
         self._ids = itertools.count()
         self._error: BaseException | None = None
+        self.retired = False  # set by `retire`: requests that may be handed off are refused
+        self._pinned: set[str] = set()  # open requests that must be served here (may_hand_off=False)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
@@ -88,6 +98,9 @@ class AsyncLLMEngine:
                 self.engine.add_sequence(command[1])
             elif command[0] == "abort":
                 self.engine.abort(command[1])
+            elif command[0] == "release":
+                released = self.engine.release_unstarted(keep=command[1])
+                self._loop.call_soon_threadsafe(self._hand_off, released)
             else:
                 return False
 
@@ -109,6 +122,12 @@ class AsyncLLMEngine:
             if out.finished:
                 self._queues.pop(out.request_id, None)
 
+    def _hand_off(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            stream = self._queues.pop(request_id, None)
+            if stream is not None:
+                stream.put_nowait(_HANDED_OFF)
+
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
         for stream in self._queues.values():
@@ -116,7 +135,8 @@ class AsyncLLMEngine:
         self._queues.clear()
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       tokens_per_output: Callable[[], int] | None = None) -> AsyncIterator[RequestOutput]:
+                       tokens_per_output: Callable[[], int] | None = None,
+                       may_hand_off: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield the request's deltas; the last has finished=True and the whole result.
 
         The first token comes out at once. After it, deltas are merged until they hold
@@ -125,6 +145,8 @@ class AsyncLLMEngine:
         queued. Leaving the iteration early (a client that disconnects) aborts the request
         and frees its KV blocks. A fault of this request's own raises RequestFailed (its blocks
         are already free); a fault of the engine's raises RuntimeError for every open request.
+        With `may_hand_off`, a retired engine (see `retire`) raises RequestHandedOff instead of
+        serving the request, at once or while it still waits with nothing produced.
         """
         if self._error is not None:
             raise RuntimeError("the engine failed") from self._error
@@ -134,13 +156,20 @@ class AsyncLLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_thread, self.engine.make_sequence, prompt, params, request_id)
+        if self.retired and may_hand_off:  # checked after the await: `retire` may have run meanwhile
+            raise RequestHandedOff(f"request {request_id}: this engine is retired")
         stream: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = stream
+        if not may_hand_off:
+            self._pinned.add(request_id)
         self._send("add", seq)
         finished, pending, sent = False, None, False
         try:
             while not finished:
                 item = await stream.get()
+                if item is _HANDED_OFF:
+                    finished = True  # the engine has already dropped it
+                    raise RequestHandedOff(f"request {request_id} was handed off: this engine is retired")
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine failed") from item
                 if item.finish_reason == "error":
@@ -153,8 +182,24 @@ class AsyncLLMEngine:
                     yield pending
                     pending, sent = None, True
         finally:
+            self._pinned.discard(request_id)
             if not finished:
                 await self.abort(request_id)
+
+    def retire(self, retired: bool = True) -> None:
+        """This engine is being replaced (thread-safe): from now on refuse requests that may be handed
+        off, and release those of them that wait with nothing produced; the others finish here.
+        `retired=False` undoes it (the replacement went away): requests are taken again."""
+        loop = self._loop
+        if loop is None:  # never served: `generate` sees the flag before it queues anything
+            self.retired = retired
+        else:  # in call order, on the event loop
+            loop.call_soon_threadsafe(self._set_retired, retired)
+
+    def _set_retired(self, retired: bool) -> None:  # on the event loop: no add slips between flag and release
+        self.retired = retired
+        if retired:
+            self._send("release", frozenset(self._pinned))
 
     async def abort(self, request_id: str) -> None:
         self._queues.pop(request_id, None)

@@ -173,12 +173,22 @@ class LLMEngine:
         self.outputs.add(seq)
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
         """Drop a request and free its KV blocks (unknown or finished ids are ignored)."""
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.outputs.remove(request_id)
-            self.scheduler.finish(seq, "abort")
+            self.scheduler.finish(seq, reason)
+
+    def release_unstarted(self, keep: frozenset[str] = frozenset()) -> list[str]:
+        """Drop every request that waits and has produced nothing yet (ids in `keep` excepted); return
+        their ids. A replica being replaced hands these to its successor: no token of theirs has left
+        this engine, so a client sees nothing of the move but the wait."""
+        released = [seq.request_id for seq in self.scheduler.waiting
+                    if not seq.output_ids and seq.request_id not in keep]
+        for request_id in released:
+            self.abort(request_id, "handed_off")
+        return released
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

@@ -18,7 +18,7 @@ class FinishedRequest:
     request_id: str
     num_prompt_tokens: int
     num_output_tokens: int
-    finish_reason: str  # stop | length | abort
+    finish_reason: str  # stop | length | abort | error | handed_off
     arrival_time: float
     first_token_time: float | None  # None when it ended before its first token
     finish_time: float

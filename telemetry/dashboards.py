@@ -159,6 +159,8 @@ SERVING = Dashboard("helios-serving", "Helios serving", (
               description="Fills when the controller runs."),
         Panel("Profiling runs (controller)", (rate("helios_profiling_runs_total"),),
               description="Fills when the controller runs."),
+        Panel("Requests handed off per second", (rate("helios_requests_handed_off_total"),),
+              description="Unstarted requests a replaced replica gave to its replacement; fills during switches."),
         Panel("Apply failures (controller)", (rate("helios_controller_apply_failures_total",
                                                    by="model, candidate, depth",
                                                    legend="{{model}}: {{candidate}} @ {{depth}}"),),

@@ -83,6 +83,9 @@ METRICS: tuple[MetricSpec, ...] = (
              "Generated tokens by the number of decoder layers they ran.", ("exit_layer",)),
     _serving("helios_confidence_breaches_total", COUNTER,
              "Tokens forced out at the last loaded layer without a confident exit."),
+    _serving("helios_requests_handed_off_total", COUNTER,
+             "Requests a replica whose choice the controller replaced gave back before producing anything "
+             "(the ingress sends them again, to the replacement)."),
     # response-length prediction (filled by requests that carry a predicted length)
     MetricSpec("helios_request_predicted_generation_tokens", HISTOGRAM,
                "Output tokens a length predictor expected, per finished request that had a prediction.",

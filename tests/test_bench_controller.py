@@ -76,6 +76,36 @@ def test_adaptive_run_deepens_on_a_hard_phase_and_loses_no_request(tiny_pair):
     assert report["output_tokens"] > 0 and report["phases"]["gsm8k"]["requests"] == 4
 
 
+def test_a_swap_hands_waiting_requests_to_the_new_engine(tiny_pair):
+    """The replaced engine runs one sequence at a time: at the swap the requests it has not started
+    move to the new engine (keeping their arrival time), the started one finishes where it is; every
+    request is answered once, with the same greedy tokens as on an engine that served it alone."""
+    from dataclasses import replace
+
+    slo = tiny_slo(*tiny_pair)
+    adaptive = Adaptive(slo, TINY_REPO)
+    engines = {("llama", 2): LLMEngine(replace(engine_config(slo, TINY_REPO, "llama", 2), max_num_seqs=1)),
+               ("llama", 4): LLMEngine(engine_config(slo, TINY_REPO, "llama", 4))}
+    load = lambda cid, depth: engines[(cid, depth)]  # noqa: E731
+    hard = [r for r in workload() if r.phase == "gsm8k"]  # every token breaches at depth 2
+    requests = [Request(i, "gsm8k", r.prompt, r.answer) for i, r in enumerate(hard + hard)]
+    loop = ServeLoop(requests, concurrency=4, max_tokens=6, load=load, adaptive=adaptive,
+                     phase_profiles={"gsm8k": HARD}, progress=lambda _: None)
+    report = summarize(loop.run(Replica(load("llama", 2), "llama@2")), requests)
+    swap = next(s for s in report["swaps"] if s["used"])
+    assert swap["to"] == "llama@4" and swap["handed_off"] >= 1
+    assert swap["inflight_on_old"] == swap["handed_off"] + 1  # one was running: it finished on llama@2
+    assert (report["requests"], report["finished"], report["failed"]) == (8, 8, 0)
+    alone = Replica(LLMEngine(engine_config(slo, TINY_REPO, "llama", 4)), "alone")
+    alone.set_profile(HARD)
+    for record in loop.records:
+        if record.served_by == "llama@4":
+            seq = alone.engine.add_request(alone.as_prompt(record.request.prompt), loop.params)
+            while alone.engine.has_unfinished():
+                alone.engine.step()
+            assert record.token_ids == seq.output_ids
+
+
 def test_a_lost_or_failed_request_is_counted():
     requests = workload()[:3]
     done = Record(requests[0], "a@1", 0.0, first_token=0.1, finish=0.5, finish_reason="length", token_ids=[5, 6])

@@ -86,6 +86,38 @@ def test_steps_of_an_earlier_choice_are_ignored(tmp_path):
     assert loop.observe(steps(6, breaches=10), tag="small@4")["action"] == "deepen"
 
 
+def test_a_replica_is_superseded_once_a_replica_of_the_new_choice_is_up(tmp_path):
+    """Replicas of the old choice hand their unstarted requests on once a replica of the choice
+    being deployed has asked too (it is up; Serve calls the deploy done only after the old ones
+    drained); never before, never the new one's own replicas, and not after the deploy failed."""
+    from controller.handover import Handover
+
+    slo, gate = make_slo(tmp_path), threading.Event()
+    applied = Recorder(gate)
+    loop = Controller(slo, REPO, applied)
+    assert applied.started.wait(10)
+    gate.set()
+    assert loop.applier.wait_idle(10) and loop.current()["applied"] == "small@4"
+    assert not loop.superseded("small@4")
+    gate.clear()
+    applied.started.clear()
+    assert loop.observe(steps(6, breaches=10))["action"] == "deepen"
+    assert applied.started.wait(10) and loop.current()["applying"] == "small@8"
+    assert not loop.superseded("small@4")  # no replica of small@8 has asked yet: small@4 keeps its requests
+    assert not loop.superseded("small@8")  # the new replica is up: it asks
+    assert loop.superseded("small@4")
+    gate.set()
+    assert loop.applier.wait_idle(10) and loop.superseded("small@4") and not loop.superseded("small@8")
+
+    clock = iter(range(100)).__next__  # a deploy of small@8 that fails: small@4 is current again
+    handover = Handover(clock)
+    handover.deploying("small@8")
+    assert handover.superseded("small@8", "small@8") is False and handover.superseded("small@4", "small@8")
+    assert handover.superseded("small@4", "small@4") is False
+    handover.deploying("small@8")  # deployed again later: its earlier replicas do not count as up
+    assert not handover.superseded("small@4", "small@8")
+
+
 def test_a_change_not_applied_before_a_crash_is_applied_on_resume(tmp_path):
     slo, gate = make_slo(tmp_path), threading.Event()
     first = Controller(slo, REPO, Recorder(gate))
