@@ -107,7 +107,7 @@ def test_waiting_requests_move_to_the_replacement_and_none_is_lost(served):
         # handed off, and the replica serves it
         ray.get(deploys.deploying.remote("v3"))
         ray.get(deploys.superseded.remote("v3"))
-        time.sleep(2.5)  # the replica asks every second
+        time.sleep(4)  # the replica asks every second
         alone = Requests(base_url, count=1, max_tokens=4).join()
     finally:
         serve.delete("handoff")
@@ -116,9 +116,9 @@ def test_waiting_requests_move_to_the_replacement_and_none_is_lost(served):
     assert len(results) == 4 and not failures, failures
     depths = [layers for layers, _, _ in results.values()]
     # the running one finished on version 1 (30 layers); those that still waited when version 2 was
-    # up moved to it (15 layers). Should version 2 take longer to start than a 200-token answer at
-    # full depth, version 1 starts a second one meanwhile, never all four
-    assert 1 <= depths.count(30) <= 2 and sorted(set(depths)) == [15, 30], depths
+    # up moved to it (15 layers). Where version 2 takes longer to start than a 200-token answer at
+    # full depth, version 1 starts the next one meanwhile (here: 3 moved in one run, 2 in another)
+    assert depths.count(30) >= 1 and depths.count(15) >= 1 and set(depths) == {15, 30}, depths
     assert all(tokens == 200 for _, tokens, _ in results.values())  # every answer whole, wherever it ran
     assert not isinstance(alone[0], Exception), alone[0]
     from deployments.ingress import HANDOFF_ATTEMPTS, HANDOFF_PAUSE_S
