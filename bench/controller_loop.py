@@ -246,6 +246,7 @@ class ServeLoop:
                 "inflight_on_old": len(self.current.inflight), "used": load.error is None, "error": load.error}
         self.swaps.append(swap)
         if load.error is not None:
+            self.progress(f"  [{self.run_id}] loading {swap['to']} failed ({load.error}); {swap['from']} serves on")
             return
         old, self.current = self.current, Replica(load.engine, swap["to"])
         self.current.set_profile(self.phase_profiles.get(self.phase))
