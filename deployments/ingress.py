@@ -124,9 +124,6 @@ async def _submit(handle: DeploymentHandle, jobs: list) -> tuple[list, list]:
     return [stream for stream, _ in opened], [first for _, first in opened]
 
 
-# the engine's refusal of a max_tokens larger than the context leaves (LLMEngine.make_sequence)
-
-
 def _cancel(stream: DeploymentResponseGenerator | None) -> None:
     """Cancel an engine request; cancelling one that already failed re-raises its error: ignore that."""
     try:
