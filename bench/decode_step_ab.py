@@ -6,7 +6,8 @@
 One model is loaded per dtype and shared by every variant: `baseline` is ModelRunner with the
 attention and KV cache of git revision `--baseline` (its runner.py, attention.py and
 kv_cache.py, loaded from git as a side package); `sdpa` and `matmul` are this checkout's runner
-with that decode kernel; `--compile` adds `matmul+compile` (the layers' dense parts compiled
+with that decode kernel (`KERNEL+onednn`: and its linear layers packed for oneDNN, on a copy of
+the model); `--compile` adds `matmul+compile` (the layers' dense parts compiled
 by inductor). Each context length gets `--batch` decode rows of contexts spread over
 [0.75 L, L] with shuffled block tables and the same random K/V in every variant's cache.
 Each round runs every variant in turn (the order rotates) and keeps its best of `--steps`
@@ -21,6 +22,7 @@ not this figure, check logits).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import statistics
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
+from helios.linears import pack_linears  # noqa: E402
 from helios.loader import load_model  # noqa: E402
 from helios.runner import ModelRunner  # noqa: E402
 from helios.sampling_params import SamplingParams  # noqa: E402
@@ -96,12 +99,17 @@ def best_step(runner, chunks: list[Chunk], steps: int) -> tuple[float, float, to
 
 
 def make_variants(model, num_blocks: int, block_size: int, baseline: str, compile_step: bool,
-                  kernels: tuple[str, ...]) -> dict:
+                  kernels: tuple[str, ...], rows_hint: int) -> dict:
     variants = {"baseline": baseline_runner_class(baseline)(model, num_blocks, block_size, [], "none", "max_prob")}
-    for kernel in kernels:
-        runner = ModelRunner(model, num_blocks, block_size, [], "none", "max_prob")
+    packed = None
+    for name in kernels:
+        kernel, _, linears = name.partition("+")
+        if linears == "onednn" and packed is None:  # a copy, so that the other variants keep nn.Linear
+            packed = copy.deepcopy(model)
+            pack_linears(packed, rows_hint)
+        runner = ModelRunner(packed if linears == "onednn" else model, num_blocks, block_size, [], "none", "max_prob")
         runner.decode_kernel = kernel
-        variants[kernel] = runner
+        variants[name] = runner
     if compile_step:
         runner = ModelRunner(model, num_blocks, block_size, [], "none", "max_prob")
         seconds = runner.compile_layers()
@@ -115,7 +123,8 @@ def run_dtype(args, dtype: str) -> dict:
     model = load_model(args.model, dtype=dtype, load_tokenizer=False).model
     arch, bs = model.arch, args.block_size
     num_blocks = args.batch * (max(args.contexts) // bs + 1) + 8
-    variants = make_variants(model, num_blocks, bs, args.baseline, args.compile, tuple(args.kernels.split(",")))
+    variants = make_variants(model, num_blocks, bs, args.baseline, args.compile, tuple(args.kernels.split(",")),
+                             args.batch)
     for which in ("k", "v"):
         ref = torch.randn(model.num_loaded_layers, num_blocks, bs, arch.num_kv_heads, arch.head_dim,
                           generator=torch.Generator().manual_seed(1 if which == "k" else 2))
@@ -160,7 +169,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round (the best is kept)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--kernels", default="paged,sdpa,matmul", help="this checkout's decode kernels to time")
+    parser.add_argument("--kernels", default="paged,sdpa,matmul",
+                        help="this checkout's decode kernels to time; KERNEL+onednn: with the linear layers packed "
+                             "for oneDNN (helios/linears.py)")
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

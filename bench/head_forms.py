@@ -122,7 +122,7 @@ def main() -> None:
     args.targets = [float(t) for t in args.targets.split(",")]
     exits = [int(e) for e in args.exits.split(",")]
     torch.manual_seed(0)
-    llm = LLM(args.model, dtype="float32")
+    llm = LLM(args.model, dtype="float32", linear_kernel="torch")  # reads the layers' plain weights
     model = llm.engine.model
     files = [str(SHARED_DATA / f) for f in ("gpteacher_roleplay.json", "gpteacher_toolformer.json", "gsm8k_train.json")]
     train = build_distill_set(llm, sample_requests(files, args.num_prompts, llm.tokenizer), exits, args.max_tokens)

@@ -16,6 +16,7 @@ EXIT_POLICIES = ("none", "batch", "token")
 SCHEDULING_POLICIES = ("fcfs", "spf", "spf-reserve")
 CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation", "classifier")
 DECODE_KERNELS = ("auto", "paged", "sdpa", "matmul")  # helios/attention.py
+LINEAR_KERNELS = ("auto", "onednn", "torch")  # helios/linears.py
 
 
 def _option(default, help: str, **extra):
@@ -65,6 +66,10 @@ class EngineConfig:
                                          "CPU only, built on first use), sdpa (gather + scaled_dot_product_attention),"
                                          " matmul; auto: paged on CPU when it builds, else sdpa",
                                  choices=DECODE_KERNELS)
+    linear_kernel: str = _option("auto", "linear layers on CPU: onednn (weights reordered once for oneDNN at load; "
+                                         "no autograd), torch (nn.Linear: MKL on CPU); auto: onednn on a CPU "
+                                         "that packs the dtype, unless compile_layers, else torch",
+                                 choices=LINEAR_KERNELS)
     compile_layers: bool = _option(False, "compile the layers' dense parts with torch.compile (inductor) at start-up; "
                                           "off: measured slower on a 2-core CPU (bench/results: decode step A/B)")
     seed: int = _option(0, "seed of the engine's own random draws (synthetic exits)", cli=False)
@@ -76,6 +81,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {self.linear_kernel!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.confidence is not None and self.confidence not in CONFIDENCE_MEASURES:
