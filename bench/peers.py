@@ -1,6 +1,6 @@
 """Helios against the peers a user would pick instead, side by side in one run on this machine.
 
-    python bench/peers.py --concurrency 1,8,32 --requests 4,16,32 --max-tokens 512 --json bench/results/peers.json
+    python bench/peers.py --concurrency 1,8,32 --requests 4,32,96 --max-tokens 512 --json bench/results/peers.json
 
 Systems: Helios in-process (`LLMEngine`, continuous batching, default dtype), transformers
 `generate` in static batches (the very weights Helios loads, same dtype), and llama-cpp-python
@@ -11,7 +11,10 @@ the same token ids for all three), greedy, natural end of sequence, at most `--m
 Concurrency c is a closed loop of c clients: each sends its next request when its previous
 answer is complete. Helios admits a request the moment it arrives; transformers runs batches
 of c and answers a batch when its longest answer ends; llama-cpp serves one request at a time
-in arrival order. TTFT counts from a request's arrival (so queueing is in it). At each level
+in arrival order. TTFT counts from a request's arrival (so queueing is in it). With as many
+requests as clients a level is a single wave, and its throughput is set by the longest answer
+(the tail runs a few rows at a time); several requests per client measure the steady state a
+server runs in, hence the default of three to four per client. At each level
 the systems run in turn `--rounds` times (the order rotates); reported per system: output
 tokens/s and median TTFT of the median round, and per round the ratio Helios / peer.
 """
@@ -134,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--requests", default="4,16,32", help="requests per concurrency level")
+    parser.add_argument("--requests", default="4,32,96", help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="threads for every system")
