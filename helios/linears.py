@@ -55,7 +55,7 @@ def onednn_unavailable(device: str, dtype: torch.dtype) -> str | None:
 
 def resolve_linear_kernel(choice: str, device: str, dtype: torch.dtype, compiled: bool) -> str:
     """What EngineConfig.linear_kernel `choice` means here: auto is onednn on a CPU that packs `dtype`,
-    unless the layers are compiled (inductor does its own packing), else torch."""
+    unless the layers are compiled (compile_layers traces the plain nn.Linear path), else torch."""
     why_not = onednn_unavailable(device, dtype)
     if choice == "auto":
         return "onednn" if why_not is None and not compiled else "torch"
