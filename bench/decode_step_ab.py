@@ -4,11 +4,12 @@
         --rounds 5 --json bench/results/decode_step_ab.json
 
 One model is loaded per dtype and shared by every variant: `baseline` is ModelRunner with the
-attention and KV cache of git revision `--baseline` (its runner.py, attention.py and
-kv_cache.py, loaded from git as a side package); `sdpa` and `matmul` are this checkout's runner
+attention and KV cache of git revision `--baseline` (its runner.py, attention.py, kv_cache.py,
+cpu_kernels.py and C++ kernel, loaded from git as a side package; `--baseline-kernel` picks its
+decode kernel); `sdpa` and `matmul` are this checkout's runner
 with that decode kernel (`KERNEL+onednn`: and its linear layers packed for oneDNN, on a copy of
-the model); `--compile` adds `matmul+compile` (the layers' dense parts compiled
-by inductor). Each context length gets `--batch` decode rows of contexts spread over
+the model; `KERNEL+gguf`: the same, and calls of few rows on the GGUF file's blocks);
+`--compile` adds `matmul+compile` (the layers' dense parts compiled by inductor). Each context length gets `--batch` decode rows of contexts spread over
 [0.75 L, L] with shuffled block tables and the same random K/V in every variant's cache.
 Each round runs every variant in turn (the order rotates) and keeps its best of `--steps`
 steps (prepare + run). Time is the process's CPU time with torch on one thread (the machine
@@ -39,29 +40,46 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
-from helios.linears import pack_linears  # noqa: E402
+from helios.linears import GGUF_BLOCK_ROWS, pack_linears  # noqa: E402
 from helios.loader import load_model  # noqa: E402
 from helios.runner import ModelRunner  # noqa: E402
 from helios.sampling_params import SamplingParams  # noqa: E402
 from helios.scheduler import Chunk  # noqa: E402
 from helios.sequence import Sequence  # noqa: E402
 
-BASE_MODULES = ("kv_cache", "attention", "runner", "model")
+BASE_MODULES = ("kv_cache", "attention", "runner", "model", "cpu_kernels")
 
 
 def baseline_runner_class(revision: str):
-    """ModelRunner of `revision`, its kv_cache/attention/runner imported as `helios_base.*`."""
+    """ModelRunner of `revision`, its kv_cache/attention/runner (and its C++ kernels, built under their own
+    op namespace `helios_base`) imported as `helios_base.*`; modules the revision did not have yet stay
+    this checkout's."""
     folder = Path(tempfile.mkdtemp()) / "helios_base"
-    folder.mkdir()
+    (folder / "csrc").mkdir(parents=True)
     (folder / "__init__.py").write_text("")
-    for name in BASE_MODULES:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:helios/{name}.py"],
-                                check=True, capture_output=True, text=True).stdout
-        for other in BASE_MODULES:
+    sources = {name: git_show(revision, f"helios/{name}.py") for name in BASE_MODULES}
+    present = [name for name, source in sources.items() if source is not None]
+    for name in present:
+        source = sources[name]
+        for other in present:
             source = source.replace(f"from helios.{other} import", f"from helios_base.{other} import")
+        source = source.replace("torch.ops.helios.", "torch.ops.helios_base.").replace(
+            'name=f"helios_', 'name=f"helios_base_')
         (folder / f"{name}.py").write_text(source)
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{revision}:helios/csrc"],
+                            capture_output=True, text=True)
+    for file in listed.stdout.split() if listed.returncode == 0 else []:  # its C++ kernels, own op namespace
+        kernel = git_show(revision, f"helios/csrc/{file}")
+        for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_FRAGMENT"):
+            kernel = kernel.replace(f"{macro}(helios,", f"{macro}(helios_base,")
+        (folder / "csrc" / file).write_text(kernel)
     sys.path.insert(0, str(folder.parent))
     return importlib.import_module("helios_base.runner").ModelRunner
+
+
+def git_show(revision: str, path: str) -> str | None:
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{path}"], capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
 
 
 def decode_chunks(batch: int, context: int, block_size: int, num_blocks: int, vocab: int,
@@ -98,16 +116,18 @@ def best_step(runner, chunks: list[Chunk], steps: int) -> tuple[float, float, to
     return *min(times), logits
 
 
-def make_variants(model, num_blocks: int, block_size: int, baseline: str, compile_step: bool,
-                  kernels: tuple[str, ...], rows_hint: int) -> dict:
+def make_variants(model, num_blocks: int, block_size: int, baseline: str, baseline_kernel: str | None,
+                  compile_step: bool, kernels: tuple[str, ...], rows_hint: int) -> dict:
     variants = {"baseline": baseline_runner_class(baseline)(model, num_blocks, block_size, [], "none", "max_prob")}
-    packed = None
+    if baseline_kernel:  # a revision with several decode kernels: which one is the baseline
+        variants["baseline"].decode_kernel = baseline_kernel
+    packed = {}  # linear kernel -> a packed copy, so that the other variants keep nn.Linear
     for name in kernels:
         kernel, _, linears = name.partition("+")
-        if linears == "onednn" and packed is None:  # a copy, so that the other variants keep nn.Linear
-            packed = copy.deepcopy(model)
-            pack_linears(packed, rows_hint)
-        runner = ModelRunner(packed if linears == "onednn" else model, num_blocks, block_size, [], "none", "max_prob")
+        if linears and linears not in packed:
+            packed[linears] = copy.deepcopy(model)
+            pack_linears(packed[linears], rows_hint, GGUF_BLOCK_ROWS if linears == "gguf" else 0)
+        runner = ModelRunner(packed.get(linears, model), num_blocks, block_size, [], "none", "max_prob")
         runner.decode_kernel = kernel
         variants[name] = runner
     if compile_step:
@@ -123,8 +143,8 @@ def run_dtype(args, dtype: str) -> dict:
     model = load_model(args.model, dtype=dtype, load_tokenizer=False).model
     arch, bs = model.arch, args.block_size
     num_blocks = args.batch * (max(args.contexts) // bs + 1) + 8
-    variants = make_variants(model, num_blocks, bs, args.baseline, args.compile, tuple(args.kernels.split(",")),
-                             args.batch)
+    variants = make_variants(model, num_blocks, bs, args.baseline, args.baseline_kernel, args.compile,
+                             tuple(args.kernels.split(",")), args.batch)
     for which in ("k", "v"):
         ref = torch.randn(model.num_loaded_layers, num_blocks, bs, arch.num_kv_heads, arch.head_dim,
                           generator=torch.Generator().manual_seed(1 if which == "k" else 2))
@@ -162,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--baseline", default="HEAD", help="git revision whose runner is the baseline")
+    parser.add_argument("--baseline-kernel", help="the baseline runner's decode kernel (default: the revision's default)")
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256, 512])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=16)
@@ -171,7 +192,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kernels", default="paged,sdpa,matmul",
                         help="this checkout's decode kernels to time; KERNEL+onednn: with the linear layers packed "
-                             "for oneDNN (helios/linears.py)")
+                             "for oneDNN, KERNEL+gguf: and few-row calls on GGUF blocks (helios/linears.py)")
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

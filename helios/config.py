@@ -16,7 +16,7 @@ EXIT_POLICIES = ("none", "batch", "token")
 SCHEDULING_POLICIES = ("fcfs", "spf", "spf-reserve")
 CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation", "classifier")
 DECODE_KERNELS = ("auto", "paged", "sdpa", "matmul")  # helios/attention.py
-LINEAR_KERNELS = ("auto", "onednn", "torch")  # helios/linears.py
+LINEAR_KERNELS = ("auto", "gguf", "onednn", "torch")  # helios/linears.py
 
 
 def _option(default, help: str, **extra):
@@ -67,8 +67,10 @@ class EngineConfig:
                                          " matmul; auto: paged on CPU when it builds, else sdpa",
                                  choices=DECODE_KERNELS)
     linear_kernel: str = _option("auto", "linear layers on CPU: onednn (weights reordered once for oneDNN at load; "
-                                         "no autograd), torch (nn.Linear: MKL on CPU); auto: onednn on a CPU "
-                                         "that packs the dtype, unless compile_layers, else torch",
+                                         "no autograd), gguf (onednn, and calls of few rows read the GGUF file's "
+                                         "Q4_1/Q8_0 blocks where the weights are exactly those; float32), torch "
+                                         "(nn.Linear: MKL on CPU); auto: gguf in float32, onednn in other dtypes "
+                                         "on a CPU that packs them, unless compile_layers, else torch",
                                  choices=LINEAR_KERNELS)
     compile_layers: bool = _option(False, "compile the layers' dense parts with torch.compile (inductor) at start-up; "
                                           "off: measured slower on a 2-core CPU (bench/results: decode step A/B)")

@@ -1,13 +1,16 @@
-"""Helios's own CPU kernel (helios/csrc/paged_decode.cpp), built on first use and loaded once per process.
+"""Helios's own CPU kernels (helios/csrc), built on first use and loaded once per process: decode
+attention over the paged cache (paged_decode.cpp) and linear layers over GGUF blocks (gguf_linear.cpp,
+used by helios/linears.py).
 
-Why our own: decode attention read the paged cache through a gather that copied every
+Why our own attention kernel: decode attention read the paged cache through a gather that copied every
 row's context per layer per step; the packages that ship a CPU paged-attention kernel do not
 fit this torch (intel-extension-for-pytorch's latest is built for torch 2.8), and FlexAttention
 runs on CPU only through torch.compile (minutes of compile on 2 cores; an inductor-fused gather
-measured 1.2x on one layer, bench/results/README.md). The kernel is one C++ file built by
-torch.utils.cpp_extension (about 15 s with g++, cached under TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions, in a folder per CPU feature set since it is built for the CPU it
-runs on); without a compiler Helios falls back to the PyTorch path and says so.
+measured 1.2x on one layer, bench/results/README.md). The kernels are two C++ files built by
+torch.utils.cpp_extension (about 30 s with g++, cached under TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions, in a folder per CPU feature set and source version, since they are
+built for the CPU they run on); without a compiler Helios falls back to the PyTorch paths and
+says so.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "gguf_linear.cpp")]
 # -fopenmp: at::parallel_for is an OpenMP loop inlined from the headers (without the flag it runs
 # on one thread). The link step has no -fopenmp, so its GOMP symbols resolve to the runtime
 # libtorch_cpu already loaded: one thread pool, sized by torch.set_num_threads.
@@ -50,43 +53,57 @@ def build_error() -> str | None:
     return _built.get("error")
 
 
+def gguf_linear_ops():
+    """(`torch.ops.helios.gguf_pack`, `torch.ops.helios.gguf_linear`), or None where the kernels cannot be built."""
+    return None if paged_decode_op() is None else (torch.ops.helios.gguf_pack, torch.ops.helios.gguf_linear)
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
     started = time.perf_counter()
-    logger.info("loading the CPU paged-attention kernel (built once per machine, about 15 s)")
+    logger.info("loading Helios's CPU kernels (built once per machine, about 30 s)")
     try:
-        load(name=f"helios_paged_decode_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-             is_python_module=False)
+        load(name=f"helios_cpu_kernels_{_build_tag()}", sources=[str(source) for source in SOURCES],
+             extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, unwritable cache: the PyTorch path still works
         _built["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        logger.warning("CPU paged-attention kernel unavailable (%s); decode attention uses SDPA", _built["error"])
+        logger.warning("Helios's CPU kernels unavailable (%s); decode attention uses SDPA and linear layers "
+                       "oneDNN or PyTorch", _built["error"])
         return None
-    logger.info("CPU paged-attention kernel ready in %.1f s", time.perf_counter() - started)
+    logger.info("Helios's CPU kernels ready in %.1f s", time.perf_counter() - started)
     return torch.ops.helios.paged_decode
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's feature flags: a build made with -march=native on one CPU is never
-    loaded on another (a home folder shared by a cluster's nodes)."""
+def _build_tag() -> str:
+    """A short hash of the CPU's feature flags and of every file in csrc: a build made with -march=native
+    on one CPU is never loaded on another (a home folder shared by a cluster's nodes), and a changed
+    header gets its own build (torch's own check covers the listed sources only)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags = next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode())
+    for path in sorted(SOURCES[0].parent.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
-def resolve_decode_kernel(choice: str, device: str) -> str:
+def resolve_decode_kernel(choice: str, device: str, head_dim: int) -> str:
     """The decode kernel (helios.attention.DECODE_KERNELS) that EngineConfig.decode_kernel `choice` means on
-    `device`: auto is paged on CPU when the kernel builds (1.3-1.7x a batch-64 decode step on 2 cores,
-    bench/results/README.md), else sdpa."""
+    `device`: auto is paged on CPU when the kernel builds and takes the head size (a multiple of 8; 1.3-1.7x
+    a batch-64 decode step on 2 cores, bench/results/README.md), else sdpa."""
     on_cpu = torch.device(device).type == "cpu"
+    fits = head_dim % 8 == 0 and head_dim <= 512  # the kernel's vectors are 8 floats wide
     if choice == "auto":
-        return "paged" if on_cpu and paged_decode_op() is not None else "sdpa"
+        return "paged" if on_cpu and fits and paged_decode_op() is not None else "sdpa"
     if choice == "paged":
         if not on_cpu:
             raise ValueError(f"decode_kernel 'paged' is a CPU kernel; on {device} use auto or sdpa")
+        if not fits:
+            raise ValueError(f"decode_kernel 'paged' needs a head_dim that is a multiple of 8, at most 512 "
+                             f"(this model's is {head_dim}); use auto or sdpa")
         if paged_decode_op() is None:
             raise RuntimeError(f"decode_kernel 'paged': the kernel could not be built ({build_error()}); "
                                "use auto or sdpa")

@@ -21,7 +21,7 @@ from helios.exits import heads_for_config
 from helios.inputs import InputProcessor, Prompt
 from helios.length import load_length_head
 from helios.loader import load_model
-from helios.linears import pack_linears, resolve_linear_kernel
+from helios.linears import GGUF_BLOCK_ROWS, pack_linears, resolve_linear_kernel
 from helios.policies import make_policy
 from helios.outputs import OutputProcessor, RequestOutput
 from helios.runner import ModelRunner
@@ -88,12 +88,16 @@ class LLMEngine:
                     loaded.source, self.num_loaded_layers, self.arch.num_layers, device, str(dtype).split(".")[-1],
                     self._describe_kv(dtype.itemsize))
         self.linear_kernel = resolve_linear_kernel(config.linear_kernel, device, dtype, config.compile_layers)
-        if self.linear_kernel == "onednn":  # reordered once here: every step's projections read the packed weights
-            pack_linears(self.model, config.max_num_seqs)
+        if self.linear_kernel in ("onednn", "gguf"):  # reordered once here: every step reads the packed weights
+            swapped, blocked = pack_linears(self.model, config.max_num_seqs,
+                                            GGUF_BLOCK_ROWS if self.linear_kernel == "gguf" else 0)
+            if self.linear_kernel == "gguf":
+                logger.info("linear layers on GGUF blocks for calls of at most %d rows: %d of %d",
+                            GGUF_BLOCK_ROWS, blocked, swapped)
         self.runner = ModelRunner(self.model, self.blocks.num_blocks, config.block_size, heads, config.exit_policy,
                                   confidence, config.exit_profile, config.seed,
                                   self.window_blocks.num_blocks if self.window_blocks else 0,
-                                  resolve_decode_kernel(config.decode_kernel, device))
+                                  resolve_decode_kernel(config.decode_kernel, device, self.arch.head_dim))
         logger.info("decode attention: %s; linear layers: %s", self.runner.decode_kernel, self.linear_kernel)
         if config.compile_layers:  # compiled and warmed up here, so the first request does not pay for it
             logger.info("compiled the layers in %.1f s", self.runner.compile_layers())

@@ -90,15 +90,29 @@ def test_paged_kernel_reads_a_long_context_of_many_blocks():
 
 
 def test_auto_picks_the_paged_kernel_on_cpu_and_falls_back_without_it(monkeypatch):
-    assert resolve_decode_kernel("auto", "cpu") == "paged"  # g++ and ninja are here
-    assert resolve_decode_kernel("auto", "cuda") == "sdpa"
-    assert resolve_decode_kernel("matmul", "cpu") == "matmul"
+    assert resolve_decode_kernel("auto", "cpu", 64) == "paged"  # g++ and ninja are here
+    assert resolve_decode_kernel("auto", "cuda", 64) == "sdpa"
+    assert resolve_decode_kernel("matmul", "cpu", 64) == "matmul"
     with pytest.raises(ValueError, match="CPU kernel"):
-        resolve_decode_kernel("paged", "cuda")
+        resolve_decode_kernel("paged", "cuda", 64)
+    assert resolve_decode_kernel("auto", "cpu", 20) == "sdpa"  # its vectors are 8 floats wide
+    with pytest.raises(ValueError, match="multiple of 8"):
+        resolve_decode_kernel("paged", "cpu", 20)
     monkeypatch.setattr(cpu_kernels, "_built", {"op": None, "error": "no compiler"})
-    assert resolve_decode_kernel("auto", "cpu") == "sdpa"
+    assert resolve_decode_kernel("auto", "cpu", 64) == "sdpa"
     with pytest.raises(RuntimeError, match="no compiler"):
-        resolve_decode_kernel("paged", "cpu")
+        resolve_decode_kernel("paged", "cpu", 64)
+
+
+def test_paged_kernel_rescales_when_a_later_block_holds_the_largest_score():
+    """The online softmax: a key far ahead of the others in the last block (and in the first)."""
+    cache, meta, q = paged_case(torch.float32, [7, 15, 29], "paged", seed=2)
+    for row, length in enumerate([7, 15, 29]):
+        for position in (0, length - 1):
+            block = meta.decode_blocks[row, position // BLOCK]
+            cache.k[0, :, block, position % BLOCK] = 4 * q[row].view(KV_HEADS, -1, DIM)[:, 0]
+        got = attention(cache, 0, q, meta, None)
+        assert (got.double() - reference(cache, meta, q, None)).abs().max() < 1e-5
 
 
 def test_write_then_gather_round_trips():
