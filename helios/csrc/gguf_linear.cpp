@@ -1,8 +1,8 @@
 // Linear layers of a few rows over GGUF's 32-weight blocks (Q4_1 and Q8_0), in float32.
 //
 // Why: a decode step of a few rows reads every weight once and does little with it, so its
-// time is the weights' bytes. The default model's file holds its layers as Q4_1 (4.5 bits a
-// weight plus a minimum) and its LM head as Q8_0; the loader dequantizes them to float32 (4
+// time is the weights' bytes. The default model's file holds its layers as Q4_1 (5 bits a weight:
+// 4-bit codes, a float16 scale and minimum per 32) and its LM head as Q8_0; the loader dequantizes them to float32 (4
 // bytes a weight) for every other path. These kernels read the blocks instead and dequantize
 // each one in registers, exactly as the loader did (a block's value is scale * code + minimum,
 // the same float32 operations), then multiply it with the rows in float32: the same weights and
@@ -31,7 +31,7 @@
 
 #include "vec8.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -133,9 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_pack(const at::Tensor& weigh
   return {codes, scales, minimums};
 }
 
-// A block's codes -> floats. With AVX2: one vpmovzxbd/vpmovsxbd and one vcvtdq2ps per 8 values (GCC 12
+// A block's codes -> floats. With AVX2 and FMA: one vpmovzxbd/vpmovsxbd and one vcvtdq2ps per 8 values (GCC 12
 // turns the same thing written with vector extensions into one lane at a time). Elsewhere a plain loop.
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
 inline vec8 q4_values(__m128i codes8, __m256 d, __m256 m) {  // the low 8 bytes of codes8
   return (vec8)_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes8)), d, m);
 }
