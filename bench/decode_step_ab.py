@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
-from helios.linears import GGUF_BLOCK_ROWS, pack_linears  # noqa: E402
+from helios.linears import pack_linears  # noqa: E402
 from helios.loader import load_model  # noqa: E402
 from helios.runner import ModelRunner  # noqa: E402
 from helios.sampling_params import SamplingParams  # noqa: E402
@@ -126,7 +126,7 @@ def make_variants(model, num_blocks: int, block_size: int, baseline: str, baseli
         kernel, _, linears = name.partition("+")
         if linears and linears not in packed:
             packed[linears] = copy.deepcopy(model)
-            pack_linears(packed[linears], rows_hint, GGUF_BLOCK_ROWS if linears == "gguf" else 0)
+            pack_linears(packed[linears], rows_hint, linears)
         runner = ModelRunner(packed.get(linears, model), num_blocks, block_size, [], "none", "max_prob")
         runner.decode_kernel = kernel
         variants[name] = runner

@@ -53,9 +53,10 @@ def build_error() -> str | None:
     return _built.get("error")
 
 
-def gguf_linear_ops():
-    """(`torch.ops.helios.gguf_pack`, `torch.ops.helios.gguf_linear`), or None where the kernels cannot be built."""
-    return None if paged_decode_op() is None else (torch.ops.helios.gguf_pack, torch.ops.helios.gguf_linear)
+def gguf_pack_op():
+    """`torch.ops.helios.gguf_pack` (its sibling `gguf_linear` is built with it), or None where the kernels
+    cannot be built."""
+    return None if paged_decode_op() is None else torch.ops.helios.gguf_pack
 
 
 def _build():

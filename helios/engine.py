@@ -89,8 +89,7 @@ class LLMEngine:
                     self._describe_kv(dtype.itemsize))
         self.linear_kernel = resolve_linear_kernel(config.linear_kernel, device, dtype, config.compile_layers)
         if self.linear_kernel in ("onednn", "gguf"):  # reordered once here: every step reads the packed weights
-            swapped, blocked = pack_linears(self.model, config.max_num_seqs,
-                                            GGUF_BLOCK_ROWS if self.linear_kernel == "gguf" else 0)
+            swapped, blocked = pack_linears(self.model, config.max_num_seqs, self.linear_kernel)
             if self.linear_kernel == "gguf":
                 logger.info("linear layers on GGUF blocks for calls of at most %d rows: %d of %d",
                             GGUF_BLOCK_ROWS, blocked, swapped)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from helios.cpu_kernels import build_error, gguf_linear_ops
+from helios.cpu_kernels import build_error, gguf_pack_op
 
 # calls of at most this many rows run on GGUF blocks (linear_kernel: gguf): the measured crossover, above
 GGUF_BLOCK_ROWS = 16
@@ -70,11 +70,11 @@ class PackedLinear(nn.Module):
 def gguf_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(codes, scales, minimums) of a float32 weight that is exactly Q4_1 blocks (else Q8_0 blocks,
     `minimums` empty) along its rows; None when it is neither, or the kernels cannot be built."""
-    ops = gguf_linear_ops()
-    if ops is None or weight.dtype != torch.float32 or weight.dim() != 2:
+    pack = gguf_pack_op()
+    if pack is None or weight.dtype != torch.float32 or weight.dim() != 2:
         return None
     for kind in (0, 1):  # Q4_1, Q8_0
-        codes, scales, minimums = ops[0](weight, kind)
+        codes, scales, minimums = pack(weight, kind)
         if codes.numel():
             return codes, scales, minimums
     return None
@@ -101,7 +101,7 @@ def resolve_linear_kernel(choice: str, device: str, dtype: torch.dtype, compiled
     if choice == "auto":
         if why_not is not None or compiled:
             return "torch"
-        return "gguf" if dtype == torch.float32 and gguf_linear_ops() is not None else "onednn"
+        return "gguf" if dtype == torch.float32 and gguf_pack_op() is not None else "onednn"
     if choice in ("onednn", "gguf"):
         if why_not:
             raise ValueError(f"linear_kernel {choice!r}: {why_not}")
@@ -110,20 +110,21 @@ def resolve_linear_kernel(choice: str, device: str, dtype: torch.dtype, compiled
     if choice == "gguf":
         if dtype != torch.float32:
             raise ValueError(f"linear_kernel 'gguf' computes in float32; this model runs in {str(dtype).split('.')[-1]}")
-        if gguf_linear_ops() is None:
+        if gguf_pack_op() is None:
             raise RuntimeError(f"linear_kernel 'gguf': Helios's CPU kernels could not be built ({build_error()}); "
                                "use auto or onednn")
     return choice
 
 
-def pack_linears(model: nn.Module, rows_hint: int, block_rows: int = 0) -> tuple[int, int]:
+def pack_linears(model: nn.Module, rows_hint: int, kernel: str = "onednn") -> tuple[int, int]:
     """Swap every nn.Linear of the decoder layers, and the LM head, for a PackedLinear; returns how many,
-    and how many of them run GGUF blocks for calls of at most `block_rows` rows (0: none).
+    and how many of them run GGUF blocks (kernel `gguf`: for calls of at most GGUF_BLOCK_ROWS rows).
 
     `rows_hint`: the rows a call usually has (the engine's max_num_seqs); any row count works.
     Memory: the layers' plain weights are freed, so they cost the same; the LM head keeps its plain
     weight, so packing costs one more copy of it (113 MB for SmolLM2 in float32). GGUF blocks add
     their own bytes: 5-8.5 bits a weight (106 MB for SmolLM2's Q4_1 layers and Q8_0 head)."""
+    block_rows = GGUF_BLOCK_ROWS if kernel == "gguf" else 0
     swapped = blocked = 0
     for parent in [*model.layers, model]:
         for name, child in list(parent.named_children()):

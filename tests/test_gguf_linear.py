@@ -16,7 +16,7 @@ from helios import linears
 from helios.gguf_dequant import dequantize
 from helios.linears import GGUF_BLOCK_ROWS, PackedLinear, gguf_blocks, onednn_unavailable, resolve_linear_kernel
 
-pytestmark = pytest.mark.skipif(onednn_unavailable("cpu", torch.float32) is not None or linears.gguf_linear_ops() is None,
+pytestmark = pytest.mark.skipif(onednn_unavailable("cpu", torch.float32) is not None or linears.gguf_pack_op() is None,
                                 reason="needs oneDNN packing and Helios's CPU kernels")
 
 
@@ -108,7 +108,7 @@ def test_auto_picks_gguf_in_float32_only(monkeypatch):
     assert resolve_linear_kernel("auto", "cpu", torch.bfloat16, compiled=False) == "onednn"
     with pytest.raises(ValueError, match="float32"):
         resolve_linear_kernel("gguf", "cpu", torch.bfloat16, compiled=False)
-    monkeypatch.setattr(linears, "gguf_linear_ops", lambda: None)  # no compiler
+    monkeypatch.setattr(linears, "gguf_pack_op", lambda: None)  # no compiler
     assert resolve_linear_kernel("auto", "cpu", torch.float32, compiled=False) == "onednn"
     with pytest.raises(RuntimeError, match="could not be built"):
         resolve_linear_kernel("gguf", "cpu", torch.float32, compiled=False)

@@ -1,9 +1,9 @@
 // Linear layers of a few rows over GGUF's 32-weight blocks (Q4_1 and Q8_0), in float32.
 //
 // Why: a decode step of a few rows reads every weight once and does little with it, so its
-// time is the weights' bytes. The default model's file holds its layers as Q4_1 (5 bits a weight:
-// 4-bit codes, a float16 scale and minimum per 32) and its LM head as Q8_0; the loader dequantizes them to float32 (4
-// bytes a weight) for every other path. These kernels read the blocks instead and dequantize
+// time is the weights' bytes. The default model's file holds its layers as Q4_1 (5 bits a
+// weight: 4-bit codes, a float16 scale and minimum per 32) and its LM head as Q8_0; the loader
+// dequantizes them to float32 (4 bytes a weight) for every other path. These kernels read the blocks instead and dequantize
 // each one in registers, exactly as the loader did (a block's value is scale * code + minimum,
 // the same float32 operations), then multiply it with the rows in float32: the same weights and
 // arithmetic as the float32 path, up to the order of the sums.
@@ -113,16 +113,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_pack(const at::Tensor& weigh
   auto minimums = at::empty({kind == 0 ? n : 0, blocks}, w.options());
   std::atomic<bool> fits{true};
   const float* src = w.const_data_ptr<float>();
+  uint8_t* code_bytes = static_cast<uint8_t*>(codes.mutable_data_ptr());
+  float* scale_data = scales.mutable_data_ptr<float>();
+  float* minimum_data = minimums.mutable_data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end && fits.load(std::memory_order_relaxed); ++row)
       for (int64_t b = 0; b < blocks; ++b) {
         const float* block = src + row * k + b * kBlock;
-        const bool ok = kind == 0
-            ? fit_q4_1(block, codes.mutable_data_ptr<uint8_t>() + row * (k / 2) + b * 16,
-                       scales.mutable_data_ptr<float>() + row * blocks + b,
-                       minimums.mutable_data_ptr<float>() + row * blocks + b)
-            : fit_q8_0(block, codes.mutable_data_ptr<int8_t>() + row * k + b * kBlock,
-                       scales.mutable_data_ptr<float>() + row * blocks + b);
+        const int64_t i = row * blocks + b;
+        const bool ok = kind == 0 ? fit_q4_1(block, code_bytes + i * 16, scale_data + i, minimum_data + i)
+                                  : fit_q8_0(block, reinterpret_cast<int8_t*>(code_bytes) + i * kBlock,
+                                             scale_data + i);
         if (!ok) {
           fits = false;
           break;
@@ -133,8 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_pack(const at::Tensor& weigh
   return {codes, scales, minimums};
 }
 
-// A block's codes -> floats. With AVX2 and FMA: one vpmovzxbd/vpmovsxbd and one vcvtdq2ps per 8 values (GCC 12
-// turns the same thing written with vector extensions into one lane at a time). Elsewhere a plain loop.
+// A block's codes -> floats. With AVX2 and FMA: one vpmovzxbd/vpmovsxbd and one vcvtdq2ps per 8
+// values (GCC 12 turns the same thing written with vector extensions into one lane at a time).
+// Elsewhere a plain loop.
 #if defined(__AVX2__) && defined(__FMA__)
 inline vec8 q4_values(__m128i codes8, __m256 d, __m256 m) {  // the low 8 bytes of codes8
   return (vec8)_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes8)), d, m);
