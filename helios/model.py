@@ -129,11 +129,6 @@ def _rope_table(config, params: dict, layer_type: str | None) -> tuple[torch.Ten
     return inv_freq.float(), float(scaling)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _norm_weight(size: int) -> nn.Parameter:
     return nn.Parameter(torch.ones(size))
 
@@ -149,7 +144,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.arch = arch
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        self.split = (q_size, kv_size, kv_size)
+        self.qk_size = q_size + kv_size  # q and k lead the fused projection's output, v follows
         self.input_norm = _norm_weight(arch.hidden_size)
         self.qkv_proj = nn.Linear(arch.hidden_size, q_size + 2 * kv_size, bias=arch.qkv_bias)
         self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
@@ -171,21 +166,24 @@ class DecoderLayer(nn.Module):
     def qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rotated q [T, H, D] and k, v [T, Hkv, D] of the rows in `hidden` [T, hidden].
 
-        cos/sin are [T, D], or [kinds, T, D] for models with a RoPE table per layer type.
+        cos/sin are [T, D], or [kinds, T, D] for models with a RoPE table per layer type, as
+        `DecoderModel.rope` makes them (sin with its first half negated).
         """
         a = self.arch
         x = rms_norm(hidden, self.input_norm, a.rms_norm_eps)
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)
-        k = k.view(-1, a.num_kv_heads, a.head_dim)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        y = self.qkv_proj(x)
+        # q and k are rotated together, as one [T, H + Hkv, D] view: half the small ops of two rotations
+        qk = y[:, :self.qk_size].view(-1, a.num_heads + a.num_kv_heads, a.head_dim)
+        v = y[:, self.qk_size:].view(-1, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
-            q, k = rms_norm(q, self.q_norm, a.rms_norm_eps), rms_norm(k, self.k_norm, a.rms_norm_eps)
+            q, k = qk.split((a.num_heads, a.num_kv_heads), dim=1)
+            qk = torch.cat((rms_norm(q, self.q_norm, a.rms_norm_eps), rms_norm(k, self.k_norm, a.rms_norm_eps)), 1)
         if cos.dim() == 3:
             cos, sin = cos[self.rope_index], sin[self.rope_index]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        # transformers' x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the roll
+        # gives cat(x2, x1) and the sign is in sin's first half, so every product is the same
+        qk = qk * cos.unsqueeze(1) + qk.roll(a.head_dim // 2, -1) * sin.unsqueeze(1)
+        q, k = qk.split((a.num_heads, a.num_kv_heads), dim=1)
         if self.q_scale != 1.0:
             q = q * self.q_scale
         return q, k, v
@@ -233,11 +231,14 @@ class DecoderModel(nn.Module):
         self.rope_scaling = rope_scaling
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim] of `positions`; [kinds, T, head_dim] with a table per layer type."""
+        """cos, sin [T, head_dim] of `positions`, sin with its first half negated (what
+        `DecoderLayer.qkv` rotates with); [kinds, T, head_dim] with a table per layer type."""
         freqs = positions.float()[..., :, None] * self.inv_freq[..., None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = self.embed_tokens.weight.dtype
         scaling = self.rope_scaling
         if isinstance(scaling, torch.Tensor):
             scaling = scaling.to(emb.device)[:, None, None]
-        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+        sin = (emb.sin() * scaling).to(dtype)
+        half = sin.shape[-1] // 2
+        return (emb.cos() * scaling).to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
