@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine  # noqa: E402
 from helios import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from peers import _gguf_path, load_llama_cpp  # noqa: E402
+from peers import gguf_path, load_llama_cpp  # noqa: E402
 
 
 def helios_forward_ms(engine: LLMEngine, ids: list[int], tag: str) -> float:
@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [int(n) for n in args.rows.split(",")]
     engine = LLMEngine(EngineConfig(model=args.model))
-    llm, why = load_llama_cpp(_gguf_path(args.model), args.threads, 2 * max(rows) + 8)
+    llm, why = load_llama_cpp(gguf_path(args.model), args.threads, 2 * max(rows) + 8)
     if llm is None:
         sys.exit(why)
     ids = [(17 + 7919 * i) % 40000 + 100 for i in range(max(rows))]  # fixed ids, no special tokens

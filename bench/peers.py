@@ -160,7 +160,7 @@ def main() -> None:
         hf = load_transformers(args.model, dtype)
         systems["transformers-static"] = lambda p, c: run_transformers(hf, p, c, args.max_tokens, eos_ids)
     if "llama-cpp" in args.systems:
-        gguf = engine.config.model if engine.config.model.endswith(".gguf") else _gguf_path(args.model)
+        gguf = engine.config.model if engine.config.model.endswith(".gguf") else gguf_path(args.model)
         llm, why = load_llama_cpp(gguf, args.threads, 2048)
         if llm is None:
             notes["llama-cpp-python"] = why
@@ -196,7 +196,7 @@ def level_row(clients: int, count: int, rounds: list[dict]) -> dict:
     return row
 
 
-def _gguf_path(alias: str) -> str:
+def gguf_path(alias: str) -> str:
     from helios.catalog import lookup
     from helios.model_cache import model_file
 
